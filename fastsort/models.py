@@ -1,0 +1,202 @@
+"""Models: any timm name or ``pretrainedmodels:<name>``, a fresh head, Mish, channels-last, local weights.
+
+Nothing is downloaded: models are built without hub weights and ``pretrained`` must be a local file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _swish_types() -> tuple[type, ...]:
+    """Activation classes the seed turned into Mish: ReLU and every flavour of swish/SiLU."""
+    types: list[type] = [nn.ReLU, nn.SiLU]
+    try:
+        from timm.layers import activations as act, activations_me as act_me
+
+        types += [getattr(act, n) for n in ("Swish",) if hasattr(act, n)]
+        types += [getattr(act_me, n) for n in ("SwishMe", "SwishJit") if hasattr(act_me, n)]
+    except ImportError:  # pragma: no cover - older timm layouts
+        pass
+    return tuple(types)
+
+
+ACTIVATIONS = {"mish": nn.Mish, "keep": None}
+
+
+def swap_activations(model: nn.Module, new: type[nn.Module] = nn.Mish) -> int:
+    """Replace ReLU/SiLU/Swish modules (anywhere, including inside timm's BatchNormAct2d) by ``new``.
+
+    ReLU6, GELU, sigmoid gates and functional activations are left alone, as in the seed.
+    Returns the number of modules replaced.
+    """
+    targets = _swish_types()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in targets:
+                inplace = bool(getattr(child, "inplace", False))
+                setattr(parent, name, new(inplace=inplace))
+                count += 1
+    return count
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    head_prefixes: tuple[str, ...]  # state-dict key prefixes of the classifier head
+    activations_replaced: int = 0
+    weights: str = "random init"
+
+
+def _build_cadene(name: str, num_classes: int) -> tuple[nn.Module, ModelInfo]:
+    try:
+        import pretrainedmodels
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError("pretrainedmodels:<name> needs the pretrainedmodels package: pip install pretrainedmodels") from exc
+    if name not in pretrainedmodels.model_names:
+        raise ValueError(f"unknown pretrainedmodels model {name!r}; known: {', '.join(pretrainedmodels.model_names)}")
+    model = pretrainedmodels.__dict__[name](num_classes=1000, pretrained=None)
+    features = model.last_linear.in_features
+    model.last_linear = nn.Linear(features, num_classes)
+    if isinstance(getattr(model, "avg_pool", None), nn.AvgPool2d):
+        # The Cadene SENet pools with a fixed 7x7 window, wrong at 384 px (seed bug 19): pool globally.
+        model.avg_pool = nn.AdaptiveAvgPool2d(1)
+    # Built without weights, the model carries no mean/std; the ImageNet settings of its weights say them.
+    settings = pretrainedmodels.pretrained_settings.get(name, {}).get("imagenet", {})
+    mean = tuple(float(v) for v in settings.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(v) for v in settings.get("std", (0.229, 0.224, 0.225)))
+    return model, ModelInfo(f"pretrainedmodels:{name}", num_classes, mean, std, ("last_linear.",))
+
+
+def _build_timm(name: str, num_classes: int, drop_rate: float | None) -> tuple[nn.Module, ModelInfo]:
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise ValueError(f"unknown timm model {name!r}{hint}")
+    kwargs = {"drop_rate": drop_rate} if drop_rate is not None else {}
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    cfg = model.pretrained_cfg
+    classifier = model.get_classifier()
+    head = tuple(f"{n}." for n, m in model.named_modules() if m is classifier and n)
+    return model, ModelInfo(name, num_classes, tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                            tuple(cfg.get("std", (0.229, 0.224, 0.225))), head)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    act: str = "mish",
+    pretrained: str | Path | None = None,
+    channels_last: bool = True,
+    drop_rate: float | None = None,
+) -> tuple[nn.Module, ModelInfo]:
+    """Build a classifier with a fresh ``num_classes`` head.
+
+    Args:
+        name: a timm model name, or ``pretrainedmodels:<name>`` (Cadene ``se_resnext50_32x4d``, ``inceptionv4``).
+        act: ``mish`` swaps ReLU/SiLU/Swish for Mish (the seed's choice); ``keep`` leaves them.
+        pretrained: a local weights file (state dict, fastsort checkpoint, or a same-architecture state dict
+            with other key names, matched by order and shape); the head is skipped when its shape differs.
+    """
+    if act not in ACTIVATIONS:
+        raise ValueError(f"--act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    if name.startswith("pretrainedmodels:"):
+        model, info = _build_cadene(name.split(":", 1)[1], num_classes)
+    else:
+        model, info = _build_timm(name, num_classes, drop_rate)
+    if pretrained:
+        info.weights = load_weights(model, pretrained, head_prefixes=info.head_prefixes)
+    if ACTIVATIONS[act] is not None:
+        info.activations_replaced = swap_activations(model, ACTIVATIONS[act])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """Remove DataParallel/DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes in any nesting."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "format" in obj and "model" in obj:  # a fastsort checkpoint
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return strip_wrapper_prefixes(obj)
+
+
+def load_weights(model: nn.Module, path: str | Path, *, head_prefixes: tuple[str, ...] = ()) -> str:
+    """Load a local weights file into ``model`` strictly, except for a head of a different shape.
+
+    Returns a one-line description of what was loaded. Raises ``ValueError`` naming missing and
+    unexpected keys for any other mismatch.
+    """
+    source = read_state_dict(path)
+    target = model.state_dict()
+    is_head = lambda k: any(k.startswith(p) for p in head_prefixes)  # noqa: E731
+    how = "by name"
+    if not set(source) & set(target):
+        source, how = _match_by_order(source, target, path)
+    skipped = [k for k in target if k in source and source[k].shape != target[k].shape and is_head(k)]
+    bad_shape = [k for k in target if k in source and source[k].shape != target[k].shape and not is_head(k)]
+    missing = [k for k in target if k not in source and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in source if k not in target]
+    if bad_shape or missing or unexpected:
+        lines = [f"{path}: weights do not fit this model"]
+        lines += [f"  shape mismatch: {k} {tuple(source[k].shape)} vs {tuple(target[k].shape)}" for k in bad_shape[:20]]
+        lines += [f"  missing: {k}" for k in missing[:20]]
+        lines += [f"  unexpected: {k}" for k in unexpected[:20]]
+        raise ValueError("\n".join(lines))
+    for k in skipped:
+        del source[k]
+    model.load_state_dict(source, strict=False)
+    note = f", fresh head ({', '.join(skipped)})" if skipped else ""
+    return f"{Path(path).name} ({len(source)} tensors matched {how}{note})"
+
+
+def _match_by_order(source: dict, target: dict, path) -> tuple[dict, str]:
+    """Same architecture, other key names (e.g. efficientnet_pytorch -> timm): pair tensors in order."""
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise ValueError(f"{path}: no key names in common with the model and {len(src)} vs {len(dst)} tensors")
+    out = {}
+    for i, ((sk, sv), dk) in enumerate(zip(src, dst)):
+        last = i >= len(dst) - 2  # a head of another class count may differ in shape
+        if sv.shape != target[dk].shape and not last:
+            raise ValueError(f"{path}: no key names in common, and tensor {i} ({sk} {tuple(sv.shape)}) "
+                             f"does not fit {dk} {tuple(target[dk].shape)}")
+        out[dk] = sv
+    return out, "by order and shape"

