@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastsort-installed
 # A CPU-sized schedule for the demo (2 cores, under 15 minutes); on a GPU drop these flags for the seed's.
-DEMO_FLAGS ?= --image-size 224 --batch-size 32 --epochs 4 --lr 0.02
+DEMO_FLAGS ?= --image-size 224 --batch-size 32 --epochs 6 --lr 0.02
 
 .PHONY: install demo test clean
 
