@@ -29,6 +29,8 @@ def train(
     model: str = typer.Option("tf_efficientnet_lite0", help="a timm name or pretrainedmodels:<name>"),
     pretrained: str = typer.Option("auto", help="local weights file, 'auto' (registry package if known) or 'none'"),
     act: str = typer.Option("mish", help="mish: ReLU/SiLU/Swish -> Mish (the seed); keep: leave them"),
+    mish: str = typer.Option("native", help="native (nn.Mish), fused (fastsort's Triton kernels, BatchNorm+Mish "
+                             "fused), compile (native Mish under torch.compile)"),
     image_size: int = typer.Option(384, help="training and validation side in pixels"),
     batch_size: int = typer.Option(64),
     epochs: int = typer.Option(16),
@@ -54,7 +56,7 @@ def train(
     from .train import TrainConfig, train as run
 
     cfg = TrainConfig(data=data, image_root=image_root, id_col=id_col, label_col=label_col, out=out, model=model,
-                      pretrained=pretrained, act=act, image_size=image_size, batch_size=batch_size, epochs=epochs,
+                      pretrained=pretrained, act=act, mish=mish, image_size=image_size, batch_size=batch_size, epochs=epochs,
                       lr=lr, weight_decay=weight_decay, accum_steps=accum_steps, cutmix_fraction=cutmix_fraction,
                       gridmask_ratio=gridmask_ratio, precision=precision, device=device, dali=dali, workers=workers,
                       fold=fold, n_folds=n_folds, seed=seed, skip_bad=skip_bad, resume=resume,

@@ -28,6 +28,49 @@ def _swish_types() -> tuple[type, ...]:
 
 
 ACTIVATIONS = {"mish": nn.Mish, "keep": None}
+MISH_MODES = ("native", "fused", "compile")  # compile: native Mish, the model is torch.compile'd by train
+
+
+def fuse_mish(model: nn.Module) -> tuple[int, int]:
+    """Swap Mish for fastsort's fused kernels: BatchNorm->Mish pairs become one ``BatchNormMish2d``.
+
+    Pairs are found where the order is certain: timm's ``BatchNormAct2d`` with a Mish act and no drop,
+    and a BatchNorm2d directly followed by Mish inside an ``nn.Sequential``. Elsewhere (e.g. ResNet's
+    bn -> add -> act) only the Mish becomes ``FusedMish``. State-dict keys do not change, so the weights
+    stay loadable by plain timm. Returns (BatchNorm blocks fused, Mish modules swapped).
+    """
+    from .ops import BatchNormMish2d, FusedMish
+
+    def fused_bn(bn: nn.BatchNorm2d) -> BatchNormMish2d:
+        new = BatchNormMish2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                              track_running_stats=bn.track_running_stats)
+        new.load_state_dict(bn.state_dict())
+        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        return new.to(ref.device) if ref is not None else new
+
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:  # pragma: no cover
+        BatchNormAct2d = ()
+    n_bn = n_act = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if BatchNormAct2d and type(child) is BatchNormAct2d and type(child.act) is nn.Mish \
+                    and isinstance(child.drop, nn.Identity):
+                setattr(parent, name, fused_bn(child))
+                n_bn += 1
+            elif isinstance(parent, nn.Sequential) and type(child) is nn.BatchNorm2d and i + 1 < len(children) \
+                    and type(children[i + 1][1]) is nn.Mish:
+                setattr(parent, name, fused_bn(child))
+                setattr(parent, children[i + 1][0], nn.Identity())
+                n_bn += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Mish:
+                setattr(parent, name, FusedMish(inplace=child.inplace))
+                n_act += 1
+    return n_bn, n_act
 
 
 def swap_activations(model: nn.Module, new: type[nn.Module] = nn.Mish) -> int:
@@ -56,6 +99,8 @@ class ModelInfo:
     head_prefixes: tuple[str, ...]  # state-dict key prefixes of the classifier head
     activations_replaced: int = 0
     weights: str = "random init"
+    mish: str = "native"
+    fused_blocks: int = 0
 
 
 def _build_cadene(name: str, num_classes: int) -> tuple[nn.Module, ModelInfo]:
@@ -102,6 +147,7 @@ def build_model(
     pretrained: str | Path | None = None,
     channels_last: bool = True,
     drop_rate: float | None = None,
+    mish: str = "native",
 ) -> tuple[nn.Module, ModelInfo]:
     """Build a classifier with a fresh ``num_classes`` head.
 
@@ -110,9 +156,13 @@ def build_model(
         act: ``mish`` swaps ReLU/SiLU/Swish for Mish (the seed's choice); ``keep`` leaves them.
         pretrained: a local weights file (state dict, fastsort checkpoint, or a same-architecture state dict
             with other key names, matched by order and shape); the head is skipped when its shape differs.
+        mish: ``native`` (``nn.Mish``), ``fused`` (fastsort's kernels, BatchNorm+Mish fused) or ``compile``
+            (native Mish; the caller compiles the model).
     """
     if act not in ACTIVATIONS:
         raise ValueError(f"--act must be one of {list(ACTIVATIONS)}, got {act!r}")
+    if mish not in MISH_MODES:
+        raise ValueError(f"--mish must be one of {list(MISH_MODES)}, got {mish!r}")
     if name.startswith("pretrainedmodels:"):
         model, info = _build_cadene(name.split(":", 1)[1], num_classes)
     else:
@@ -121,6 +171,9 @@ def build_model(
         info.weights = load_weights(model, pretrained, head_prefixes=info.head_prefixes)
     if ACTIVATIONS[act] is not None:
         info.activations_replaced = swap_activations(model, ACTIVATIONS[act])
+    info.mish = mish
+    if mish == "fused":
+        info.fused_blocks, _ = fuse_mish(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, info

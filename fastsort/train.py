@@ -47,6 +47,7 @@ class TrainConfig:
     model: str = "tf_efficientnet_lite0"
     pretrained: str = "auto"  # a local file, "auto" (a registry package's weights if known), or "none"
     act: str = "mish"
+    mish: str = "native"  # native | fused (fastsort's Triton kernels) | compile (native under torch.compile)
     drop_rate: float | None = None
     image_size: int = 384
     batch_size: int = 64
@@ -305,10 +306,14 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
 
     torch.manual_seed(cfg.seed)  # the fresh head (and any randomly initialised layer) depends on --seed only
     model, info = build_model(cfg.model, index.num_classes, act=cfg.act, pretrained=pretrained,
-                              channels_last=cfg.channels_last, drop_rate=cfg.drop_rate)
+                              channels_last=cfg.channels_last, drop_rate=cfg.drop_rate, mish=cfg.mish)
     model.to(device)
-    _print(f"model: {cfg.model}, weights {info.weights}, Mish replaced {info.activations_replaced} activation(s), "
-           f"device {device}, precision {precision}, loader {'dali' if cfg.dali else 'torch'}", echo)
+    if cfg.mish == "compile":
+        model = torch.compile(model)  # checkpoints strip the _orig_mod. prefix, so they load uncompiled
+    fused = f", {info.fused_blocks} BatchNorm+Mish blocks fused" if info.fused_blocks else ""
+    _print(f"model: {cfg.model}, weights {info.weights}, {info.activations_replaced} activation(s) -> Mish "
+           f"({cfg.mish}{fused}), device {device}, precision {precision}, loader {'dali' if cfg.dali else 'torch'}",
+           echo)
 
     loader_kw = dict(image_size=cfg.image_size, backend="dali" if cfg.dali else "torch", device=str(device),
                      mean=info.mean, std=info.std, precision=precision if device.type == "cuda" else "fp32",

@@ -93,3 +93,36 @@ def test_registry_efficientnet_lite0_weights_load_by_order():
     first = next(v for k, v in raw.items() if not k.endswith("num_batches_tracked"))
     assert torch.equal(model.conv_stem.weight, first.to(memory_format=torch.channels_last))
     assert info.mean == (0.5, 0.5, 0.5)
+
+
+def test_fused_mish_model_keeps_plain_state_dict_and_outputs():
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the fused path needs CUDA or TRITON_INTERPRET=1")
+    from fastsort.ops import BatchNormMish2d, FusedMish
+
+    torch.manual_seed(0)
+    native, _ = build_model("test_efficientnet", 3)
+    fused, info = build_model("test_efficientnet", 3, mish="fused")
+    fused.load_state_dict(native.state_dict())
+    assert info.fused_blocks > 0 and _count(fused, nn.Mish) == 0
+    assert sum(isinstance(m, BatchNormMish2d) for m in fused.modules()) == info.fused_blocks
+    assert list(fused.state_dict()) == list(native.state_dict())
+    assert any(isinstance(m, FusedMish) for m in fused.modules()) or info.fused_blocks
+    x = torch.randn(2, 3, 33, 33).contiguous(memory_format=torch.channels_last)
+    for mode in ("eval", "train"):
+        getattr(native, mode)(), getattr(fused, mode)()
+        torch.testing.assert_close(fused(x), native(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.state_dict()["bn1.running_mean"], native.state_dict()["bn1.running_mean"])
+    # And plain timm loads the fused model's weights.
+    import timm
+
+    plain = timm.create_model("test_efficientnet", num_classes=3)
+    plain.load_state_dict(fused.state_dict())
+
+
+def test_mish_mode_is_checked():
+    with pytest.raises(ValueError, match="--mish must be one of"):
+        build_model("resnet10t", 3, mish="cuda")

@@ -141,3 +141,15 @@ def test_cuda_device_without_gpu_is_refused_before_work(data, tmp_path):
     with pytest.raises(Exception, match="no usable CUDA device"):
         train(_cfg(data, tmp_path / "gpu", device="cuda"), progress=False)
     assert not (tmp_path / "gpu").exists()
+
+
+def test_fused_mish_training_run(data, tmp_path):
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the fused path needs CUDA or TRITON_INTERPRET=1")
+    result = train(_cfg(data, tmp_path / "fused", epochs=1, limit_batches=2, mish="fused"), progress=False)
+    state = load_checkpoint(result.best_checkpoint)
+    plain, _ = build_model("test_efficientnet", 3)
+    plain.load_state_dict(state["model"])  # a fused run's checkpoint loads into the plain model

@@ -1,0 +1,1 @@
+"""Triton/CUDA sources of fastsort's fused kernels, imported lazily through ``fastsort.ops``."""
