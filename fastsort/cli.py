@@ -12,6 +12,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="fastsort: the Haihua 2020 winning recipe on a GPU input pipeline.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare real datasets from registry packages.")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians, machine facts, JSON results, tables.")
+app.add_typer(bench_app, name="bench")
+
+
+def _command_line(prefix: str) -> str:
+    """The command as typed, for results files (the prefix alone when called from Python)."""
+    argv = sys.argv
+    return " ".join(["fastsort", *argv[1:]]) if argv and Path(argv[0]).name == "fastsort" else prefix
 
 
 def _fail(exc: BaseException) -> None:
@@ -101,6 +109,81 @@ def data_elpv(
     except ImportError as exc:
         _fail(exc)
     typer.echo(f"ELPV ready in {path} (train.csv, test.csv, test_labels.csv, images/)")
+
+
+@bench_app.command("mish")
+def bench_mish(
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    numel: int = typer.Option(0, help="elements for the op benchmark (0: 64x32x192x192 on GPU, 2**21 on CPU)"),
+    dtypes: str = typer.Option("", help="comma list of fp32,fp16,bf16 (default: bf16,fp16,fp32 on GPU, fp32 on CPU)"),
+    models: str = typer.Option("", help="comma list of model names for the train-step table (default: the seed's "
+                               "four on GPU, efficientnet_b4 on CPU; 'none' skips it)"),
+    batch: int = typer.Option(0, help="train-step batch (0: 64 on GPU, 4 on CPU)"),
+    size: int = typer.Option(0, help="train-step image side (0: 384 on GPU, 128 on CPU)"),
+    modes: str = typer.Option("", help="comma list of native,fused,compile (default: all on GPU, native on CPU)"),
+    iters: int = typer.Option(10, help="timed iterations per measurement (after warm-up)"),
+    out: str = typer.Option("", help="results JSON (default benchmarks/results/mish-<cpu|gpu>.json)"),
+    readme: bool = typer.Option(False, "--readme", help="also regenerate the README's Mish table from the results"),
+) -> None:
+    """Mish fwd+bwd (fused vs F.mish eager vs compiled vs naive) and per-model train steps per Mish mode."""
+    import torch
+    from rich.console import Console
+
+    from . import bench
+    from .loader import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        _fail(exc)
+    gpu = dev.type == "cuda"
+    dtype_map = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    names = [d for d in (dtypes or ("bf16,fp16,fp32" if gpu else "fp32")).split(",") if d]
+    bad = [d for d in names if d not in dtype_map]
+    if bad:
+        _fail(ValueError(f"--dtypes: unknown {bad}; use fp32, fp16, bf16"))
+    mode_list = [m for m in (modes or ("native,fused,compile" if gpu else "native")).split(",") if m]
+    from .models import MISH_MODES
+
+    if any(m not in MISH_MODES for m in mode_list):
+        _fail(ValueError(f"--modes: use {', '.join(MISH_MODES)}"))
+    model_list = [] if models == "none" else [m for m in (models or (
+        "efficientnet_b4,legacy_seresnext50_32x4d,inception_v4,mixnet_xl" if gpu else "efficientnet_b4")).split(",")
+        if m]
+    numel = numel or (64 * 32 * 192 * 192 if gpu else 2**21)
+    batch, size = batch or (64 if gpu else 4), size or (384 if gpu else 128)
+    console = Console(stderr=True)
+    results = {"machine": bench.machine_info(dev), "command": _command_line("fastsort bench mish"),
+               "params": {"numel": numel, "dtypes": names, "models": model_list, "batch": batch, "size": size,
+                          "modes": mode_list, "iters": iters}, "op": [], "models": []}
+    with console.status("benchmarking Mish") as status:
+        for d in names:
+            results["op"].append(bench.bench_mish_op(numel=numel, dtype=dtype_map[d], device=dev, iters=iters,
+                                                     progress=lambda n, d=d: status.update(f"Mish op {d}: {n}")))
+        if model_list:
+            results["models"] = bench.bench_mish_models(
+                models=model_list, batch=batch, size=size, modes=mode_list, device=dev,
+                precision="bf16" if gpu else "fp32", iters=max(3, iters // 2),
+                progress=lambda n: status.update(f"train step: {n}"))
+    path = bench.write_results(results, out or f"benchmarks/results/mish-{'gpu' if gpu else 'cpu'}.json")
+    table = bench.mish_markdown(results)
+    typer.echo(table)
+    typer.echo(f"results: {path}")
+    if readme:
+        bench.regenerate_readme()
+        typer.echo("README.md tables regenerated")
+
+
+@bench_app.command("readme")
+def bench_readme(readme: str = typer.Option("README.md", help="the README to rewrite")) -> None:
+    """Regenerate the README's benchmark tables from the results files in benchmarks/results/."""
+    from . import bench
+
+    try:
+        sections = bench.regenerate_readme(readme)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    typer.echo(f"regenerated {', '.join(sections)} in {readme}")
 
 
 def main() -> None:

@@ -30,9 +30,28 @@ def kernels_enabled() -> bool:
 
 
 def _kernels():
-    """The Triton module, imported on first use only (``import fastsort`` never imports Triton)."""
-    from fastsort.kernels import mish  # cached by Python's module table after the first call
+    """The Triton module, imported on first use only (``import fastsort`` never imports Triton).
 
+    Installed, it is ``fastsort.kernels.mish``; run from a checkout that was never installed (a GPU box
+    without network), it is loaded from ``kernels/mish.py`` beside the package.
+    """
+    try:
+        from fastsort.kernels import mish  # cached by Python's module table after the first call
+    except ModuleNotFoundError:
+        import importlib.util
+        import sys
+        from pathlib import Path
+
+        name = "fastsort.kernels.mish"
+        if name not in sys.modules:
+            source = Path(__file__).resolve().parent.parent / "kernels" / "mish.py"
+            if not source.is_file():
+                raise
+            spec = importlib.util.spec_from_file_location(name, source)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+        mish = sys.modules[name]
     return mish
 
 
