@@ -11,7 +11,7 @@ DEMO_FLAGS ?= --image-size 224 --batch-size 32 --epochs 6 --lr 0.02
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[demo,test]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[demo,test,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)

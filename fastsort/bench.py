@@ -250,10 +250,25 @@ README_SECTIONS = {
 }
 
 
+def _loader_md(results: dict) -> str:
+    from .bench_loader import loader_markdown
+
+    return loader_markdown(results)
+
+
+for _name in ("elpv-384-jpeg", "elpv-384-png", "mixed-jpeg", "fmnist-384-jpeg"):
+    for _where in ("cpu", "gpu"):
+        README_SECTIONS[f"bench-loader-{_name}-{_where}"] = (f"benchmarks/results/loader-{_name}-{_where}.json",
+                                                             _loader_md)
+
+
 def regenerate_readme(readme: str | Path = "README.md", root: str | Path = ".") -> list[str]:
     """Rewrite each README benchmark section from its results file; returns the sections written."""
     done = []
+    text = Path(readme).read_text()
     for marker, (results, render) in README_SECTIONS.items():
+        if f"<!-- {marker}:start -->" not in text:
+            continue
         path = Path(root) / results
         body = render(json.loads(path.read_text())) if path.is_file() else f"Not measured yet (no `{results}`).\n"
         update_readme_section(readme, marker, body)

@@ -49,7 +49,11 @@ def train(
     gridmask_ratio: float = typer.Option(0.6, help="GridMask kept-stripe ratio; 1 disables GridMask"),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
-    dali: bool = typer.Option(True, "--dali/--no-dali", help="DALI pipeline, or the plain PyTorch reference loader"),
+    loader: str = typer.Option("auto", help="auto (DALI on a GPU, the OpenCV thread pool on the CPU), dali, threads, "
+                               "or torch (the plain PyTorch reference)"),
+    dali: Optional[bool] = typer.Option(None, "--dali/--no-dali",
+                                        help="shortcuts: --dali = --loader dali (on the CPU: the same DALI graph "
+                                             "with CPU operators), --no-dali = --loader torch"),
     workers: int = typer.Option(0, help="loader threads (0: up to 4)"),
     fold: int = typer.Option(0, help="validation fold"),
     n_folds: int = typer.Option(5),
@@ -66,7 +70,8 @@ def train(
     cfg = TrainConfig(data=data, image_root=image_root, id_col=id_col, label_col=label_col, out=out, model=model,
                       pretrained=pretrained, act=act, mish=mish, image_size=image_size, batch_size=batch_size, epochs=epochs,
                       lr=lr, weight_decay=weight_decay, accum_steps=accum_steps, cutmix_fraction=cutmix_fraction,
-                      gridmask_ratio=gridmask_ratio, precision=precision, device=device, dali=dali, workers=workers,
+                      gridmask_ratio=gridmask_ratio, precision=precision, device=device,
+                      loader=loader if dali is None else ("dali" if dali else "torch"), workers=workers,
                       fold=fold, n_folds=n_folds, seed=seed, skip_bad=skip_bad, resume=resume,
                       limit_batches=limit_batches)
     if data == "data/elpv" and not Path(data).exists():
@@ -94,6 +99,32 @@ def check(
         _fail(exc)
     counts = ", ".join(f"{c}: {n}" for c, n in zip(result.index.classes, result.index.class_counts()))
     typer.echo(f"ok: {len(result.index)} images, {result.index.num_classes} classes ({counts})")
+
+
+@app.command()
+def preprocess(
+    src: str = typer.Argument(..., help="dataset folder (class folders, or CSVs beside an image folder)"),
+    dst: str = typer.Argument(..., help="new folder with the same layout"),
+    size: int = typer.Option(384, help="side of the square output"),
+    format: str = typer.Option("jpeg", "--format", help="jpeg or png"),
+    quality: int = typer.Option(95, help="JPEG quality"),
+    workers: int = typer.Option(0, help="threads (0: up to 8)"),
+    force: bool = typer.Option(False, "--force", help="replace DST if it exists"),
+) -> None:
+    """Resize every image once (area filter to shrink, RGB kept), mirroring folders and CSVs."""
+    from rich.progress import Progress
+
+    from .index import DataError
+    from .preprocess import preprocess as run
+
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task("preprocess", total=None)
+        try:
+            result = run(src, dst, size=size, fmt=format, quality=quality, workers=workers, force=force,
+                         progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except DataError as exc:
+            _fail(exc)
+    typer.echo(f"{result['images']} images -> {result['dst']} ({size} px {format}), {result['csv_files']} CSV file(s)")
 
 
 @data_app.command("elpv")
@@ -169,6 +200,61 @@ def bench_mish(
     table = bench.mish_markdown(results)
     typer.echo(table)
     typer.echo(f"results: {path}")
+    if readme:
+        bench.regenerate_readme()
+        typer.echo("README.md tables regenerated")
+
+
+@bench_app.command("loader")
+def bench_loader_cmd(
+    data: str = typer.Argument(..., help="benchmark images: class folders or a CSV (tools/make_bench_data.py)"),
+    variants: str = typer.Option(",".join(("fastsort", "dali", "seed", "timm", "torchvision", "decode-dali",
+                                           "decode-cv2")), help="comma list of variants"),
+    batch: int = typer.Option(64),
+    size: int = typer.Option(384),
+    cpus: int = typer.Option(0, help="cores every variant may use (0: all this process may use)"),
+    epochs: int = typer.Option(3, help="timed epochs per variant (after one warm-up epoch)"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda"),
+    quick: bool = typer.Option(False, "--quick", help="256 images, 1 timed epoch: a smoke test, not a measurement"),
+    out: str = typer.Option("", help="results JSON (default benchmarks/results/loader-<data>-<cpu|gpu>.json)"),
+    readme: bool = typer.Option(False, "--readme", help="also regenerate the README tables from the results"),
+) -> None:
+    """Input pipelines side by side on the same files, cores and augmentation: img/s, CPU-ms/img, memory."""
+    import os
+
+    import torch
+    from rich.console import Console
+
+    from . import bench, bench_loader as bl
+    from .index import DataError
+    from .loader import resolve_device
+
+    names = [v for v in variants.split(",") if v]
+    unknown = [v for v in names if v not in bl.VARIANTS]
+    if unknown:
+        _fail(ValueError(f"--variants: unknown {unknown}; known: {', '.join(bl.VARIANTS)}"))
+    try:
+        dev = resolve_device(device)
+        cpus = cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        index = bl.check_inputs(data, cpus)
+    except (DataError, ValueError) as exc:
+        _fail(exc)
+    limit, epochs = (256, 1) if quick else (0, epochs)
+    console = Console(stderr=True)
+    with console.status("loader benchmark") as status:
+        rows = bl.bench_loader(data, variants=names, batch=batch, size=size, cpus=cpus, epochs=epochs,
+                               device=str(dev), limit=limit, progress=lambda n: status.update(f"loader: {n}"))
+        status.update("batch CutMix/GridMask")
+        mix = bl.mix_cost(batch, size, dev)
+    results = {"machine": bench.machine_info(dev), "command": _command_line("fastsort bench loader"),
+               "params": {"data": data, "batch": batch, "size": size, "cpus": cpus, "epochs": epochs,
+                          "variants": names, "quick": quick},
+               "images": min(limit, len(index)) if limit else len(index), "rows": rows, "mix": mix}
+    tag = Path(data.rstrip("/")).name + ("-quick" if quick else "")
+    path = bench.write_results(results, out or f"benchmarks/results/loader-{tag}-{'gpu' if dev.type == 'cuda' else 'cpu'}.json")
+    chart = bl.bar_chart(results, path.with_suffix(".png"))
+    typer.echo(bl.loader_markdown(results))
+    typer.echo(f"results: {path}\nchart: {chart}")
     if readme:
         bench.regenerate_readme()
         typer.echo("README.md tables regenerated")

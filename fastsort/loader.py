@@ -1,12 +1,17 @@
 """Index -> batches of (images, labels) on the training device. All DALI code lives here.
 
-Two backends yield the same thing, a float batch ``x`` of shape (B, 3, S, S) in channels-last memory
+Three backends yield the same thing, a float batch ``x`` of shape (B, 3, S, S) in channels-last memory
 format and int64 labels ``y``, both on the requested device:
 
 * ``dali``: an NVIDIA DALI pipeline. With a GPU, decode is ``mixed`` (nvJPEG / nvImageCodec) and every
   later op runs on the GPU; without one the very same graph is built from CPU operators
   (``device_id=None``).
+* ``threads``: the fastest CPU path (``cpu_loader``): OpenCV uint8 ops in a thread pool, normalised by a
+  lookup table into reused channels-last buffers.
 * ``torch``: the plain-PyTorch reference, a ``DataLoader`` whose workers run the chain with OpenCV.
+
+``auto`` picks ``dali`` on a GPU and ``threads`` on the CPU, which is what ``fastsort bench loader``
+measured fastest on each.
 
 Both draw the seed's per-image augmentation parameters from one sampler (``sample_seed_chain``) and get
 them as data, so their augmentation distributions are the same by construction and a test can count op
@@ -162,20 +167,24 @@ def apply_seed_chain_cv2(img: np.ndarray, p: dict[str, np.ndarray], i: int) -> n
 
 
 def decode_resize_cv2(path: str, size: int) -> np.ndarray:
-    """Decode any supported file to uint8 RGB and squash-resize it to size x size (area filter to shrink)."""
+    """Decode any supported file to uint8 RGB and squash-resize it to size x size (see ``resize_square``)."""
     import cv2
 
-    from PIL import Image
-
-    buf = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # always 3-channel 8-bit BGR, grey replicated
+    img = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)  # 3 channels, grey replicated
     if img is None:  # formats or modes OpenCV cannot read: fall back to Pillow
+        from PIL import Image
+
         with Image.open(path) as im:
             img = np.asarray(im.convert("RGB"))
-    else:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return resize_square(img, size)
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Area averaging where an axis shrinks (antialiased, like DALI's resize), linear where it grows, and
+    nothing at all when the image already has the size."""
+    import cv2
+
     h, w = img.shape[:2]
-    # Area averaging where an axis shrinks (antialiased, like DALI's resize), linear where it grows.
     if h > size and w < size:
         img = cv2.resize(img, (w, size), interpolation=cv2.INTER_AREA)
     elif w > size and h < size:
@@ -311,6 +320,9 @@ class _DaliSource:
 # ----------------------------------------------------------------------------------------------- the loader
 
 
+BACKENDS = ("dali", "threads", "torch")
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA when present; asking for CUDA without it is an error, not a silent CPU run."""
     if device == "auto":
@@ -340,8 +352,8 @@ class Loader:
     workers: int = 0
 
     def __post_init__(self):
-        if self.backend not in ("dali", "torch"):
-            raise ValueError(f"backend must be 'dali' or 'torch', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"loader backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {self.batch_size}")
         if self.train and self.batch_size > len(self.index):
@@ -365,10 +377,16 @@ class Loader:
         return sample_seed_chain(epoch_rng(self.seed, epoch, 1, self.rank), len(self.index), self.image_size)
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of epoch ``epoch``. Use (or ``.clone()``) each batch before asking for the next few: the
+        threads backend reuses a small ring of buffers (see ``cpu_loader``)."""
         batches, params = self.batches(epoch), self.params(epoch)
         labels = torch.from_numpy(self.index.labels)
-        source = self._dali_epoch(batches, params, epoch) if self.backend == "dali" else self._torch_epoch(
-            batches, params)
+        if self.backend == "dali":
+            source = self._dali_epoch(batches, params, epoch)
+        elif self.backend == "threads":
+            source = self._threads_epoch(batches, params)
+        else:
+            source = self._torch_epoch(batches, params)
         for pos, x in zip(batches, source):
             y = labels[torch.from_numpy(pos)].to(self._device, non_blocking=True)
             yield x, y
@@ -409,6 +427,15 @@ class Loader:
         x = x.permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels-last without a copy
         return x.to(self.dtype) if x.dtype != self.dtype else x
 
+    def _threads_epoch(self, batches, params) -> Iterator[torch.Tensor]:
+        from .cpu_loader import thread_batches
+
+        for x in thread_batches(self.index.paths, batches, params, size=self.image_size, mean=self.mean,
+                                std=self.std, threads=self.workers):
+            if self._device.type != "cpu":
+                x = x.to(self._device)  # synchronous: the host buffer is reused for a later batch
+            yield x.to(self.dtype) if x.dtype != self.dtype else x
+
     def _torch_epoch(self, batches, params) -> Iterator[torch.Tensor]:
         dataset = _SeedChainDataset(self.index.paths, self.image_size, params)
         pin = self._device.type == "cuda"
@@ -429,7 +456,7 @@ def make_loader(
     batch_size: int,
     image_size: int = 384,
     train: bool,
-    backend: str = "dali",
+    backend: str = "auto",
     device: str = "auto",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -438,8 +465,11 @@ def make_loader(
     rank: int = 0,
     workers: int = 0,
 ) -> Loader:
-    """Build a loader; ``precision`` ('fp32', 'fp16', 'bf16') sets the dtype of the delivered batch."""
+    """Build a loader; ``backend`` is auto, dali, threads or torch (see the module docstring);
+    ``precision`` ('fp32', 'fp16', 'bf16') sets the dtype of the delivered batch."""
     dev = resolve_device(device)
+    if backend == "auto":
+        backend = "dali" if dev.type == "cuda" else "threads"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return Loader(index, batch_size, image_size, train, backend, str(dev), tuple(mean), tuple(std), dtype, seed,
                   rank, workers)

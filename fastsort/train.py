@@ -24,7 +24,7 @@ import torch
 from .augment import mix_batch, one_hot, soft_cross_entropy
 from .checkpoint import load_checkpoint, save_checkpoint, unwrapped_state_dict
 from .index import DataError, Index, load_dataset, preflight, save_class_map, split_fold, write_text_atomic
-from .loader import epoch_rng, make_loader, resolve_device
+from .loader import BACKENDS, epoch_rng, make_loader, resolve_device
 from .models import build_model
 
 DEFAULT_DATA = "data/elpv"
@@ -68,7 +68,7 @@ class TrainConfig:
     gridmask_ratio: float = 0.6
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"
-    dali: bool = True
+    loader: str = "auto"  # auto (dali on GPU, threads on CPU) | dali | threads | torch (the reference)
     workers: int = 0  # loader threads/processes (0: up to 4)
     fold: int = 0
     n_folds: int = 5
@@ -92,7 +92,7 @@ class TrainConfig:
 
 
 # Config fields that may change between a run and its --resume without changing what is computed.
-RESUME_FREE = {"resume", "workers", "log_every", "skip_bad", "out", "device"}
+RESUME_FREE = {"resume", "workers", "log_every", "skip_bad", "out", "device", "loader"}
 
 
 @dataclass
@@ -266,6 +266,9 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
     if cfg.resume and not last_path.exists():
         raise FileNotFoundError(f"--resume: no {last_path} to resume from")
     pretrained = resolve_pretrained(cfg.pretrained, cfg.model)
+    if cfg.loader not in ("auto", *BACKENDS):
+        raise ValueError(f"--loader must be auto, {', '.join(BACKENDS)}; got {cfg.loader!r}")
+    backend = cfg.loader if cfg.loader != "auto" else ("dali" if device.type == "cuda" else "threads")
 
     # Pre-flight: every file decoded once, every problem listed, before any model or pipeline exists.
     scan = load_dataset(cfg.data, image_root=cfg.image_root, id_col=cfg.id_col, label_col=cfg.label_col)
@@ -312,10 +315,10 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
         model = torch.compile(model)  # checkpoints strip the _orig_mod. prefix, so they load uncompiled
     fused = f", {info.fused_blocks} BatchNorm+Mish blocks fused" if info.fused_blocks else ""
     _print(f"model: {cfg.model}, weights {info.weights}, {info.activations_replaced} activation(s) -> Mish "
-           f"({cfg.mish}{fused}), device {device}, precision {precision}, loader {'dali' if cfg.dali else 'torch'}",
+           f"({cfg.mish}{fused}), device {device}, precision {precision}, loader {backend}",
            echo)
 
-    loader_kw = dict(image_size=cfg.image_size, backend="dali" if cfg.dali else "torch", device=str(device),
+    loader_kw = dict(image_size=cfg.image_size, backend=backend, device=str(device),
                      mean=info.mean, std=info.std, precision=precision if device.type == "cuda" else "fp32",
                      seed=cfg.seed, workers=cfg.workers)
     train_loader = make_loader(train_idx, batch_size=cfg.batch_size, train=True, **loader_kw)

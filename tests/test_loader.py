@@ -180,3 +180,65 @@ def test_dali_gpu_batch_is_on_device_channels_last_half(index33):
         assert x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
         sizes.append(len(y))
     assert sizes == [16, 17]
+
+
+# ----------------------------------------------------------------------------------------------- threads backend
+
+
+def test_threads_eval_equals_the_reference_loader_exactly(index33):
+    kw = dict(batch_size=8, image_size=32, train=False, device="cpu")
+    # .clone(): a threads batch lives in a reused buffer, valid until the ring wraps
+    fast = torch.cat([x.clone() for x, _ in make_loader(index33, backend="threads", workers=2, **kw).epoch(0)])
+    ref = torch.cat([x for x, _ in make_loader(index33, backend="torch", workers=1, **kw).epoch(0)])
+    assert torch.allclose(fast, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("op,value", [
+    ("flip", FLIP_V), ("flip", FLIP_H), ("flip", FLIP_HV), ("colour", COLOUR_BC), ("colour", COLOUR_GAMMA),
+    ("colour", COLOUR_HSV), ("blur", BLUR_GAUSS), ("blur", BLUR_BOX), ("blur", BLUR_MEDIAN), ("geo", GEO_RRC),
+    ("geo", GEO_SSR), ("all", 0),
+])
+def test_threads_chain_equals_the_seed_order(index48, op, value):
+    """The reordered fast chain (flip last, folded into the warp / crop) against the seed's order, pixel for pixel."""
+    kw = dict(batch_size=11, image_size=48, train=True, device="cpu", mean=(0, 0, 0), std=(1 / 255,) * 3)
+    fast, ref = Loader(index48, backend="threads", workers=2, **kw), Loader(index48, backend="torch", workers=1, **kw)
+    params = fast.params(0)
+    if op != "all":
+        for name in ("flip", "colour", "blur", "geo"):
+            params[name][:] = 0
+        params[op][:] = value
+        if op == "geo":
+            params["flip"][:] = np.arange(11) % 4  # the flip folded into the geometry, every kind
+    fast.params = ref.params = (lambda epoch: params)
+    a, b = next(iter(fast.epoch(0)))[0], next(iter(ref.epoch(0)))[0]
+    diff = (a - b).abs()
+    if op in ("geo", "all"):
+        # Folding the flip into the warp matrix moves OpenCV's fixed-point sample grid by < 1/32 px.
+        assert diff.mean() < 0.2 and (diff > 8).float().mean() < 0.01
+    else:
+        assert diff.max() < 1e-3  # same uint8 pixels; the LUT and torch normalize round differently
+
+
+def test_threads_batches_are_channels_last_and_exactly_once(index33):
+    loader = make_loader(index33, batch_size=16, image_size=24, train=True, backend="threads", device="cpu")
+    labels = []
+    for x, y in loader.epoch(2):
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+        labels += y.tolist()
+    assert sorted(labels) == list(range(33))
+
+
+def test_threads_loader_names_a_file_that_broke_after_the_scan(tmp_path):
+    from fastsort.index import DataError
+
+    root = tmp_path / "d"
+    write_csv_dataset(root, n=6)
+    index = read_csv(root / "train.csv").index
+    open(index.paths[3], "wb").write(b"garbage")
+    loader = make_loader(index, batch_size=3, image_size=16, train=False, backend="threads", device="cpu")
+    with pytest.raises(DataError, match="img003"):
+        list(loader.epoch(0))
+
+
+def test_auto_backend_is_threads_on_the_cpu(index33):
+    assert make_loader(index33, batch_size=4, train=False, device="cpu").backend == "threads"

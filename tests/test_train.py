@@ -21,7 +21,7 @@ def data(tmp_path_factory):
 
 def _cfg(data, out, **kw):
     base = dict(data=str(data), out=str(out), model="test_efficientnet", pretrained="none", image_size=32,
-                batch_size=8, epochs=2, lr=0.05, workers=1, n_folds=3)
+                batch_size=8, epochs=2, lr=0.05, workers=1, n_folds=3, loader="dali")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -85,9 +85,16 @@ def test_resume_with_a_changed_config_is_refused(data, tmp_path):
         train(_cfg(data, tmp_path / "run", epochs=1, limit_batches=1, lr=0.3, resume=True), progress=False)
 
 
-def test_torch_reference_loader_trains_too(data, tmp_path):
-    result = train(_cfg(data, tmp_path / "ref", epochs=1, limit_batches=2, dali=False), progress=False)
+@pytest.mark.parametrize("loader", ["torch", "threads", "auto"])
+def test_other_loaders_train_too(data, tmp_path, loader):
+    result = train(_cfg(data, tmp_path / loader, epochs=1, limit_batches=2, loader=loader), progress=False)
     assert result.history[0]["step"] == 2
+    assert json.loads((result.run_dir / "config.json").read_text())["loader"] == loader
+
+
+def test_unknown_loader_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="--loader must be"):
+        train(_cfg(data, tmp_path / "x", loader="ffcv"), progress=False)
 
 
 def test_gradient_accumulation_counts_optimizer_steps(data, tmp_path):
