@@ -274,3 +274,91 @@ def regenerate_readme(readme: str | Path = "README.md", root: str | Path = ".") 
         update_readme_section(readme, marker, body)
         done.append(marker)
     return done
+
+
+# ----------------------------------------------------------------------------------------------- train step
+
+
+def bench_step(data: str, *, model: str, batch: int, size: int, device: torch.device, loader: str = "auto",
+               precisions: list[str], channels_last: list[bool], steps: int = 10, warmup: int = 2,
+               workers: int = 0, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Train-step throughput fed by fastsort's loader (with CutMix/GridMask) vs synthetic data on the device.
+
+    ``loader_bound`` = 1 - synthetic / real step time: the share of a real step spent waiting for input.
+    """
+    from .augment import mix_batch, soft_cross_entropy
+    from .index import load_dataset
+    from .loader import make_loader
+    from .models import build_model
+
+    index = load_dataset(data).index
+    if len(index) < batch * (steps + warmup):
+        raise ValueError(f"{data} has {len(index)} images; bench step needs batch x (steps + warm-up) = "
+                         f"{batch * (steps + warmup)}; lower --steps or --batch")
+    rows = []
+    for precision in precisions:
+        for cl in channels_last:
+            if progress:
+                progress(f"{model} {precision} {'channels-last' if cl else 'NCHW'}")
+            torch.manual_seed(0)
+            net, info = build_model(model, index.num_classes, channels_last=cl)
+            net.to(device).train()
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+            amp = precision in ("bf16", "fp16")
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            fmt = torch.channels_last if cl else torch.contiguous_format
+
+            def step(x, y):
+                x, target = mix_batch(x.contiguous(memory_format=fmt), y, index.num_classes)
+                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                    loss = soft_cross_entropy(net(x), target)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+
+            xs = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+            ys = torch.randint(0, index.num_classes, (batch,), device=device)
+            synthetic = time_median(lambda: step(xs.clone(), ys), device, warmup=warmup, iters=steps)
+            ld = make_loader(index, batch_size=batch, image_size=size, train=True, backend=loader, device=str(device),
+                             mean=info.mean, std=info.std, precision=precision if device.type == "cuda" else "fp32",
+                             workers=workers)
+            it = ld.epoch(0)
+            for _ in range(warmup):
+                step(*next(it))
+            sync(device)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                step(*next(it))
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            it.close()
+            real = statistics.median(times)
+            row = {"model": model, "precision": precision, "channels_last": cl, "batch": batch, "size": size,
+                   "loader": ld.backend, "synthetic_img_per_s": batch / synthetic["median_s"],
+                   "real_img_per_s": batch / real, "loader_bound": max(0.0, 1 - synthetic["median_s"] / real)}
+            if device.type == "cuda":
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+            rows.append(row)
+            del net, opt, ld, it
+    return rows
+
+
+def step_markdown(results: dict) -> str:
+    m = results["machine"]
+    where = m.get("gpu") or f"CPU ({m['host_cpus']} cores)"
+    lines = [f"`{results['command']}` on {where}, {m['date'][:10]}, commit {m.get('git_commit')}.", "",
+             "| model | precision | layout | batch × px | loader | synthetic img/s | real img/s | loader-bound |",
+             "|---|---|---|---|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['precision']} | {'channels-last' if r['channels_last'] else 'NCHW'} | "
+                     f"{r['batch']} × {r['size']} | {r['loader']} | {r['synthetic_img_per_s']:.1f} | "
+                     f"{r['real_img_per_s']:.1f} | {r['loader_bound']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+README_SECTIONS["bench-step-cpu"] = ("benchmarks/results/step-cpu.json", step_markdown)
+README_SECTIONS["bench-step-gpu"] = ("benchmarks/results/step-gpu.json", step_markdown)

@@ -260,6 +260,62 @@ def bench_loader_cmd(
         typer.echo("README.md tables regenerated")
 
 
+@bench_app.command("step")
+def bench_step_cmd(
+    data: str = typer.Argument(..., help="images for the real-data run (class folders or a CSV)"),
+    model: str = typer.Option("", help="timm name (default efficientnet_b4 on GPU, tf_efficientnet_lite0 on CPU)"),
+    batch: int = typer.Option(0, help="0: 64 on GPU, 16 on CPU"),
+    size: int = typer.Option(0, help="0: 384 on GPU, 224 on CPU"),
+    steps: int = typer.Option(10, help="timed steps per setting"),
+    loader: str = typer.Option("auto", help="auto, dali, threads, torch"),
+    precisions: str = typer.Option("", help="comma list (default bf16,fp32 on GPU, fp32 on CPU)"),
+    layouts: str = typer.Option("channels-last,nchw", help="comma list of channels-last, nchw"),
+    device: str = typer.Option("auto"),
+    out: str = typer.Option("", help="results JSON (default benchmarks/results/step-<cpu|gpu>.json)"),
+    readme: bool = typer.Option(False, "--readme", help="also regenerate the README tables from the results"),
+) -> None:
+    """Train-step img/s fed by fastsort's loader vs synthetic data on the device: the loader-bound share."""
+    from rich.console import Console
+
+    from . import bench
+    from .index import DataError
+    from .loader import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except DataError as exc:
+        _fail(exc)
+    gpu = dev.type == "cuda"
+    precision_list = [p for p in (precisions or ("bf16,fp32" if gpu else "fp32")).split(",") if p]
+    layout_list = [v for v in layouts.split(",") if v]
+    bad = [v for v in layout_list if v not in ("channels-last", "nchw")]
+    if bad:
+        _fail(ValueError(f"--layouts: {bad} not understood; use channels-last, nchw"))
+    bad = [p for p in precision_list if p not in ("fp32", "bf16", "fp16")]
+    if bad:
+        _fail(ValueError(f"--precisions: {bad} not understood; use fp32, bf16, fp16"))
+    console = Console(stderr=True)
+    params = {"data": data, "model": model or ("efficientnet_b4" if gpu else "tf_efficientnet_lite0"),
+              "batch": batch or (64 if gpu else 16), "size": size or (384 if gpu else 224), "steps": steps,
+              "loader": loader}
+    try:
+        with console.status("train-step benchmark") as status:
+            rows = bench.bench_step(data, model=params["model"], batch=params["batch"], size=params["size"],
+                                    device=dev, loader=loader, precisions=precision_list,
+                                    channels_last=[v == "channels-last" for v in layout_list], steps=steps,
+                                    progress=lambda n: status.update(f"train step: {n}"))
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    results = {"machine": bench.machine_info(dev), "command": _command_line("fastsort bench step"),
+               "params": params, "rows": rows}
+    path = bench.write_results(results, out or f"benchmarks/results/step-{'gpu' if gpu else 'cpu'}.json")
+    typer.echo(bench.step_markdown(results))
+    typer.echo(f"results: {path}")
+    if readme:
+        bench.regenerate_readme()
+        typer.echo("README.md tables regenerated")
+
+
 @bench_app.command("readme")
 def bench_readme(readme: str = typer.Option("README.md", help="the README to rewrite")) -> None:
     """Regenerate the README's benchmark tables from the results files in benchmarks/results/."""

@@ -50,3 +50,28 @@ def test_bench_mish_cli_writes_results(tmp_path):
     assert "| variant |" in result.output
     bad = CliRunner().invoke(app, ["bench", "mish", "--dtypes", "fp8"])
     assert bad.exit_code == 2 and "fp8" in bad.output
+
+
+def test_bench_step_reports_synthetic_and_real_rates(tmp_path):
+    from conftest import write_folder_dataset
+
+    data = write_folder_dataset(tmp_path / "d", per_class=4)
+    rows = bench.bench_step(str(data), model="resnet18", batch=4, size=32, device=torch.device("cpu"),
+                            loader="threads", precisions=["fp32"], channels_last=[True, False], steps=1, warmup=1)
+    assert [r["channels_last"] for r in rows] == [True, False]
+    for r in rows:
+        assert r["synthetic_img_per_s"] > 0 and r["real_img_per_s"] > 0 and 0 <= r["loader_bound"] <= 1
+        assert r["loader"] == "threads" and (r["batch"], r["size"]) == (4, 32)
+    md = bench.step_markdown({"machine": bench.machine_info(torch.device("cpu")), "command": "fastsort bench step",
+                              "rows": rows})
+    assert md.count("| resnet18 | fp32 |") == 2
+    with pytest.raises(ValueError, match="needs batch x"):
+        bench.bench_step(str(data), model="resnet18", batch=8, size=32, device=torch.device("cpu"),
+                         precisions=["fp32"], channels_last=[True], steps=5)
+
+
+def test_bench_step_cli_rejects_bad_options(tmp_path):
+    bad = CliRunner().invoke(app, ["bench", "step", str(tmp_path), "--precisions", "fp8"])
+    assert bad.exit_code == 2 and "fp8" in bad.output
+    bad = CliRunner().invoke(app, ["bench", "step", str(tmp_path), "--layouts", "nhwc"])
+    assert bad.exit_code == 2 and "--layouts" in bad.output

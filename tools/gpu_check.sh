@@ -3,6 +3,9 @@
 # Logs and results files go to ${OUT:-gpu_results}; copy the JSON files to benchmarks/results/ and run
 # `fastsort bench readme` to regenerate the README tables from them.
 # Runs from the checkout without installing (PYTHONPATH), with whatever torch/triton/timm the machine has.
+# The loader and train-step benchmarks need real images: BENCH_DATA (default data/bench/elpv-384-jpeg, made by
+# tools/make_bench_data.py); without them those two steps are skipped with a message. DALI's variants need
+# nvidia-dali-cuda120 on the machine; where it is missing they are reported as skipped and the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -30,4 +33,13 @@ step gpu_tests 240 "$PY" -m pytest -q -m gpu -rs -p no:cacheprovider tests
 step bench_mish 180 "$PY" -m fastsort bench mish --modes native,fused --out "$OUT/mish-gpu.json"
 step bench_mish_compile 150 "$PY" -m fastsort bench mish --dtypes bf16 --models efficientnet_b4 \
   --modes native,compile --out "$OUT/mish-gpu-compile.json"
+BENCH_DATA="${BENCH_DATA:-data/bench/elpv-384-jpeg}"
+if [ -d "$BENCH_DATA" ]; then
+  step bench_loader 150 "$PY" -m fastsort bench loader "$BENCH_DATA" --batch 64 --size 384 --epochs 3 \
+    --out "$OUT/loader-$(basename "$BENCH_DATA")-gpu.json"
+  step bench_step 150 "$PY" -m fastsort bench step "$BENCH_DATA" --model efficientnet_b4 --batch 64 --size 384 \
+    --precisions bf16,fp32 --out "$OUT/step-gpu.json"
+else
+  echo "== no $BENCH_DATA: loader and step benchmarks skipped (make it with tools/make_bench_data.py)"
+fi
 exit $status
