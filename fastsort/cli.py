@@ -59,6 +59,10 @@ def train(
     n_folds: int = typer.Option(5),
     seed: int = typer.Option(2020),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable files and bad rows instead of stopping"),
+    pseudo: str = typer.Option("", help="stage 2: pseudo-label CSV from `fastsort pseudo-label`, added to this "
+                               "fold's training part only"),
+    init: str = typer.Option("", help="stage 2: start from this checkpoint (same --model and classes); the seed's "
+                             "stage 2 used half the stage-1 --lr and a quarter of its --epochs"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last.pt"),
     limit_batches: int = typer.Option(0, help="train on at most this many batches per epoch (smoke tests)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
@@ -72,8 +76,8 @@ def train(
                       lr=lr, weight_decay=weight_decay, accum_steps=accum_steps, cutmix_fraction=cutmix_fraction,
                       gridmask_ratio=gridmask_ratio, precision=precision, device=device,
                       loader=loader if dali is None else ("dali" if dali else "torch"), workers=workers,
-                      fold=fold, n_folds=n_folds, seed=seed, skip_bad=skip_bad, resume=resume,
-                      limit_batches=limit_batches)
+                      fold=fold, n_folds=n_folds, seed=seed, skip_bad=skip_bad, pseudo=pseudo, init=init,
+                      resume=resume, limit_batches=limit_batches)
     if data == "data/elpv" and not Path(data).exists():
         _fail(FileNotFoundError("the default dataset is missing: run `fastsort data elpv` first (or pass --data)"))
     try:

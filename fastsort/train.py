@@ -23,7 +23,8 @@ import torch
 
 from .augment import mix_batch, one_hot, soft_cross_entropy
 from .checkpoint import load_checkpoint, save_checkpoint, unwrapped_state_dict
-from .index import DataError, Index, load_dataset, preflight, save_class_map, split_fold, write_text_atomic
+from .index import (DataError, Index, ScanResult, load_dataset, preflight, save_class_map, split_fold,
+                    write_text_atomic)
 from .loader import BACKENDS, epoch_rng, make_loader, resolve_device
 from .models import build_model
 
@@ -75,6 +76,8 @@ class TrainConfig:
     seed: int = 2020
     channels_last: bool = True
     skip_bad: bool = False
+    pseudo: str = ""  # stage 2: a pseudo-label CSV (image_id,label,path) added to this fold's training part only
+    init: str = ""  # stage 2: start from this fastsort checkpoint's weights (same model and class map)
     resume: bool = False
     limit_batches: int = 0  # >0: only this many training batches per epoch (smoke tests)
     log_every: int = 10
@@ -265,7 +268,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.resume and not last_path.exists():
         raise FileNotFoundError(f"--resume: no {last_path} to resume from")
-    pretrained = resolve_pretrained(cfg.pretrained, cfg.model)
+    pretrained = resolve_pretrained(cfg.pretrained, cfg.model) if not cfg.init else None
+    init_state = read_init_checkpoint(cfg.init, cfg.model) if cfg.init else None
     if cfg.loader not in ("auto", *BACKENDS):
         raise ValueError(f"--loader must be auto, {', '.join(BACKENDS)}; got {cfg.loader!r}")
     backend = cfg.loader if cfg.loader != "auto" else ("dali" if device.type == "cuda" else "threads")
@@ -284,11 +288,17 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
         raise DataError(f"need at least 2 classes, found {index.num_classes}: {list(index.classes)}")
     small = int(((checked.sizes[:, 0] < cfg.image_size) | (checked.sizes[:, 1] < cfg.image_size)).sum())
     train_idx, val_idx, folds = split_fold(index, cfg.fold, cfg.n_folds, cfg.seed)
+    n_pseudo = 0
+    if cfg.pseudo:
+        pseudo = read_pseudo_labels(cfg.pseudo, index.classes)
+        pseudo = preflight(ScanResult(pseudo, [], []), skip_bad=cfg.skip_bad).index
+        train_idx, n_pseudo = add_pseudo_labels(train_idx, val_idx, pseudo), len(pseudo)
     if cfg.batch_size > len(train_idx):
         raise DataError(f"--batch-size {cfg.batch_size} is larger than the {len(train_idx)} training images of "
                         f"fold {cfg.fold}; lower --batch-size")
     _print(f"data: {len(index)} images, {index.num_classes} classes {list(index.classes)}; fold {cfg.fold}/"
-           f"{cfg.n_folds}: {len(train_idx)} train, {len(val_idx)} val"
+           f"{cfg.n_folds}: {len(train_idx)} train"
+           + (f" ({n_pseudo} pseudo-labelled from {cfg.pseudo})" if n_pseudo else "") + f", {len(val_idx)} val"
            + (f"; {small} smaller than {cfg.image_size} px are upscaled" if small else ""), echo)
 
     # Run folder: config, class map and fold assignment first, so every later file can be traced to them.
@@ -310,6 +320,12 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
     torch.manual_seed(cfg.seed)  # the fresh head (and any randomly initialised layer) depends on --seed only
     model, info = build_model(cfg.model, index.num_classes, act=cfg.act, pretrained=pretrained,
                               channels_last=cfg.channels_last, drop_rate=cfg.drop_rate, mish=cfg.mish)
+    if init_state is not None:
+        if list(init_state["classes"]) != list(index.classes):
+            raise DataError(f"--init {cfg.init} was trained on classes {init_state['classes']}, this data has "
+                            f"{list(index.classes)}")
+        model.load_state_dict(init_state["model"])
+        info.weights = f"--init {cfg.init}"
     model.to(device)
     if cfg.mish == "compile":
         model = torch.compile(model)  # checkpoints strip the _orig_mod. prefix, so they load uncompiled
@@ -418,6 +434,62 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
         writer.close()
     _print(f"done in {time.time() - t_start:.0f} s: best val acc {best_acc:.4f} -> {run_dir / 'best.pt'}", echo)
     return TrainResult(run_dir, run_dir / "best.pt", last_path, best_acc, history)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+
+
+def read_init_checkpoint(path: str, model: str) -> dict:
+    """The checkpoint stage 2 starts from; it must be of the model being trained."""
+    state = load_checkpoint(path)
+    if state.get("model_name") != model:
+        raise ValueError(f"--init {path} holds a {state.get('model_name')} model, not --model {model}")
+    return state
+
+
+def read_pseudo_labels(path: str | Path, classes: tuple[str, ...]) -> Index:
+    """Read ``fastsort pseudo-label``'s CSV (image_id,label,path) against the training class map.
+
+    Every unknown label and missing file is listed with its CSV line before any training starts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--pseudo: CSV file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ("image_id", "label", "path") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; a pseudo-label CSV has image_id,label,path "
+                            "(written by `fastsort pseudo-label`)")
+        rows = [(reader.line_num, r) for r in reader]
+    class_ids = {c: i for i, c in enumerate(classes)}
+    problems, kept = [], []
+    for line, r in rows:
+        file = Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"]
+        if r["label"] not in class_ids:
+            problems.append(f"{path.name} line {line}: unknown label {r['label']!r} (known: {list(classes)})")
+        elif not file.is_file():
+            problems.append(f"{path.name} line {line}: no image file {file}")
+        else:
+            kept.append((line, r["image_id"], str(file.absolute()), class_ids[r["label"]]))
+    if problems:
+        raise DataError(f"{len(problems)} problem(s) in the pseudo-label CSV {path}:", problems)
+    if not kept:
+        raise DataError(f"--pseudo: {path} has no rows (was the threshold too high?)")
+    return Index(paths=tuple(k[2] for k in kept), labels=np.asarray([k[3] for k in kept], dtype=np.int64),
+                 classes=classes, ids=tuple(k[1] for k in kept),
+                 origins=tuple(f"{path.name} line {k[0]} ({k[2]})" for k in kept))
+
+
+def add_pseudo_labels(train_idx: Index, val_idx: Index, pseudo: Index) -> Index:
+    """The fold's training part followed by the pseudo-labelled images; none may be a validation image."""
+    leaked = sorted(set(pseudo.paths) & set(val_idx.paths))
+    if leaked:
+        raise DataError(f"{len(leaked)} pseudo-labelled image(s) are in this fold's validation part; pseudo-labels "
+                        "must come from unlabelled (test) images:", leaked[:20])
+    return Index(paths=train_idx.paths + pseudo.paths, labels=np.concatenate([train_idx.labels, pseudo.labels]),
+                 classes=train_idx.classes, ids=train_idx.ids + pseudo.ids,
+                 origins=train_idx.origins + pseudo.origins)
 
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:

@@ -160,3 +160,72 @@ def test_fused_mish_training_run(data, tmp_path):
     state = load_checkpoint(result.best_checkpoint)
     plain, _ = build_model("test_efficientnet", 3)
     plain.load_state_dict(state["model"])  # a fused run's checkpoint loads into the plain model
+
+
+def _write_pseudo(root, rows):
+    import csv
+
+    from conftest import make_image
+
+    with open(root / "pseudo.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "label", "path"])
+        for i, label in enumerate(rows):
+            path = make_image(root / "test" / f"t{i}.png", (40, 33), seed=500 + i)
+            w.writerow([f"t{i}", label, str(path)])
+    return root / "pseudo.csv"
+
+
+def test_stage2_adds_pseudo_labels_to_training_only_and_starts_from_init(data, tmp_path, monkeypatch):
+    T = sys.modules["fastsort.train"]
+    stage1 = train(_cfg(data, tmp_path / "s1", epochs=1, limit_batches=1), progress=False)
+    pseudo = _write_pseudo(tmp_path, ["0", "1", "2", "1", "0"])
+    seen = {}
+    real_make_loader = T.make_loader
+
+    def spy(index, *, train, **kw):
+        seen["train" if train else "val"] = index
+        return real_make_loader(index, train=train, **kw)
+
+    monkeypatch.setattr(T, "make_loader", spy)
+    built = {}
+    real_build = T.build_model
+    monkeypatch.setattr(T, "build_model", lambda *a, **kw: built.update(kw) or real_build(*a, **kw))
+    init_weights = load_checkpoint(stage1.best_checkpoint)["model"]
+    lines = []
+    train(_cfg(data, tmp_path / "s2", epochs=1, limit_batches=1, pseudo=str(pseudo), init=str(stage1.best_checkpoint)),
+          progress=False, echo=lines.append)
+    pseudo_paths = {str((tmp_path / "test" / f"t{i}.png").absolute()) for i in range(5)}
+    assert pseudo_paths <= set(seen["train"].paths)
+    assert not pseudo_paths & set(seen["val"].paths), "pseudo-labels never reach validation"
+    assert len(seen["train"]) == 20 + 5 and len(seen["val"]) == 10  # 30 labelled images, 3 folds
+    assert any("5 pseudo-labelled" in line for line in lines)
+    assert built["pretrained"] is None  # --init replaces the pretrained start
+    # with lr 0 the stage-2 weights are exactly the stage-1 weights it started from
+    frozen = train(_cfg(data, tmp_path / "s2-lr0", epochs=1, limit_batches=1, lr=0.0, weight_decay=0.0,
+                        init=str(stage1.best_checkpoint)), progress=False)
+    after = load_checkpoint(frozen.best_checkpoint)["model"]
+    assert torch.equal(after["conv_stem.weight"], init_weights["conv_stem.weight"])
+    fresh = build_model("test_efficientnet", 3)[0].state_dict()["conv_stem.weight"]
+    assert not torch.equal(after["conv_stem.weight"], fresh)
+
+
+def test_stage2_bad_inputs_fail_before_training(data, tmp_path):
+    from fastsort.index import DataError
+
+    stage1 = train(_cfg(data, tmp_path / "s1", epochs=1, limit_batches=1), progress=False)
+    bad = _write_pseudo(tmp_path, ["0", "cat", "2"])
+    with pytest.raises(DataError, match="line 3: unknown label 'cat'"):
+        train(_cfg(data, tmp_path / "s2", epochs=1, pseudo=str(bad)), progress=False)
+    with pytest.raises(ValueError, match="holds a test_efficientnet model, not --model resnet18"):
+        train(_cfg(data, tmp_path / "s3", epochs=1, model="resnet18", init=str(stage1.best_checkpoint)), progress=False)
+
+
+def test_pseudo_labels_that_are_validation_images_are_refused(data):
+    from fastsort.index import DataError, load_dataset, split_fold
+
+    T = sys.modules["fastsort.train"]
+    index = load_dataset(data).index
+    tr, val, _ = split_fold(index, 0, 3)
+    with pytest.raises(DataError, match="1 pseudo-labelled image"):
+        T.add_pseudo_labels(tr, val, val.subset([0]))
