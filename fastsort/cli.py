@@ -14,6 +14,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare real datasets from re
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: medians, machine facts, JSON results, tables.")
 app.add_typer(bench_app, name="bench")
+recipe_app = typer.Typer(no_args_is_help=True, help="The whole plan in one file: stage 1, averaging, ensemble, "
+                         "pseudo-labels, stage 2, submission.")
+app.add_typer(recipe_app, name="recipe")
 
 
 def _command_line(prefix: str) -> str:
@@ -129,6 +132,149 @@ def preprocess(
         except DataError as exc:
             _fail(exc)
     typer.echo(f"{result['images']} images -> {result['dst']} ({size} px {format}), {result['csv_files']} CSV file(s)")
+
+
+@app.command()
+def predict(
+    checkpoints: list[str] = typer.Argument(..., help="one or more checkpoints (best.pt, ...); any architectures"),
+    test: str = typer.Option(..., help="test CSV of ids, a folder holding test.csv, or a folder of images"),
+    image_root: Optional[str] = typer.Option(None, help="image folder of a CSV (default <csv folder>/images)"),
+    id_col: str = typer.Option("image_id", help="CSV column of image ids"),
+    tta: str = typer.Option("flip", help="none, flip (the seed's 4 flips) or dihedral (all 8)"),
+    temperature: float = typer.Option(1.0, help="sharpening T of each model's probabilities (the seed used 10)"),
+    weights: str = typer.Option("", help="comma list, one weight per checkpoint (default: equal per architecture)"),
+    label_offset: int = typer.Option(0, help="submission label = int(class name) + offset (1: 1-based ids)"),
+    out: str = typer.Option("runs/predict", help="folder for probs.csv, submission.csv, predictions.json"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N"),
+    loader: str = typer.Option("auto", help="auto, dali, threads, torch"),
+    workers: int = typer.Option(0, help="loader threads (0: up to 4)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Predict a test set: TTA per model, temperature, weighted ensemble; write probs and a submission."""
+    from .index import DataError
+    from .predict import predict as run
+
+    try:
+        weight_list = [float(w) for w in weights.split(",") if w.strip()] if weights else None
+    except ValueError:
+        _fail(ValueError(f"--weights must be a comma list of numbers, got {weights!r}"))
+    try:
+        result = run(checkpoints, test, tta=tta, temperature=temperature, weights=weight_list,
+                     label_offset=label_offset, out=out, batch_size=batch_size, device=device, loader=loader,
+                     image_root=image_root, id_col=id_col, workers=workers,
+                     progress=not quiet and sys.stderr.isatty())
+    except (DataError, ValueError, FileNotFoundError, OSError, ImportError) as exc:
+        _fail(exc)
+    counts = ", ".join(f"{c}: {n}" for c, n in result.counts.items())
+    typer.echo(f"{len(result.ids)} images, {len(checkpoints)} model(s), weights "
+               f"{', '.join(f'{w:.3g}' for w in result.weights)}; predicted {counts}")
+    typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
+
+
+@app.command("pseudo-label")
+def pseudo_label_cmd(
+    predictions: str = typer.Argument(..., help="predict's output folder, or its probs.csv"),
+    threshold: float = typer.Option(0.8, help="keep images whose top probability is at least this, in (0, 1]"),
+    out: str = typer.Option("", help="CSV to write (default pseudo_labels.csv beside probs.csv)"),
+) -> None:
+    """Write image_id,label,path for the test images the ensemble is sure of (stage-2 training data)."""
+    from .index import DataError
+    from .predict import pseudo_label
+
+    try:
+        result = pseudo_label(predictions, out or None, threshold=threshold)
+    except (DataError, ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"kept {result.kept} of {result.total} images (top probability >= {threshold}) -> {result.out}")
+
+
+@app.command()
+def score(
+    submission: str = typer.Argument(..., help="a submission CSV (id,label) from fastsort predict"),
+    labels: str = typer.Option("data/elpv/test_labels.csv", help="image_id,label CSV of the true class names"),
+    png: Optional[str] = typer.Option(None, help="also save the confusion matrix as this PNG"),
+    label_offset: int = typer.Option(0, help="the --label-offset the submission was written with"),
+) -> None:
+    """Accuracy, macro-F1 and the confusion matrix of a submission against held-out labels."""
+    from .index import DataError
+    from .predict import format_confusion, score as run
+
+    if labels == "data/elpv/test_labels.csv" and not Path(labels).exists():
+        _fail(FileNotFoundError("the default labels file is missing: run `fastsort data elpv` first "
+                                "(or pass --labels)"))
+    try:
+        result = run(submission, labels, out_png=png, label_offset=label_offset)
+    except (DataError, ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"{result['n']} images: accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}")
+    typer.echo(format_confusion(result))
+    if result["unseen_labels"]:
+        typer.echo(f"note: the submission predicts label(s) {result['unseen_labels']} that {labels} never uses; "
+                   "if it was written with --label-offset, pass the same --label-offset here")
+    if result["png"]:
+        typer.echo(f"confusion matrix: {result['png']}")
+
+
+@app.command()
+def average(
+    checkpoints: Optional[list[str]] = typer.Argument(None, help="epoch checkpoints of one run (or use --run)"),
+    run: str = typer.Option("", help="a run folder: its epoch_*.pt are the candidates"),
+    top_k: int = typer.Option(0, help="keep the k candidates with the best validation accuracy under --tta (0: all)"),
+    tta: str = typer.Option("flip", help="views used to score candidates and the average: none, flip, dihedral"),
+    bn: str = typer.Option("recompute", help="BatchNorm statistics: recompute (one pass over the fold's training "
+                           "images) or average"),
+    out: str = typer.Option("", help="output checkpoint (default <run>/averaged.pt)"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+    loader: str = typer.Option("auto", help="auto, dali, threads, torch"),
+) -> None:
+    """Average the weights of epoch checkpoints (all, or the top-k on validation with TTA) into one checkpoint."""
+    from .average import average_checkpoints, run_checkpoints
+    from .index import DataError
+
+    try:
+        if bool(run) == bool(checkpoints):
+            raise ValueError("give either checkpoint files or --run, not both")
+        paths = run_checkpoints(run) if run else checkpoints
+        target = out or str(Path(run or Path(paths[0]).parent) / "averaged.pt")
+        average_checkpoints(paths, target, top_k=top_k, tta=tta, bn=bn, batch_size=batch_size, device=device,
+                            loader=loader, echo=typer.echo)
+    except (DataError, ValueError, FileNotFoundError, OSError) as exc:
+        _fail(exc)
+
+
+@recipe_app.command("run")
+def recipe_run(
+    recipe: str = typer.Argument(..., help="a recipe file, e.g. recipes/elpv-cpu.yaml"),
+    out: str = typer.Option("", help="run folder (default: the recipe's `out`)"),
+    device: str = typer.Option("auto"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run every unfinished step of a recipe; rerunning skips finished steps and resumes an interrupted one."""
+    from .index import DataError
+    from .recipe import load_recipe, run_recipe
+
+    try:
+        plan = load_recipe(recipe, out=out or None)
+        result = run_recipe(plan, device=device, echo=typer.echo, progress=not quiet and sys.stderr.isatty())
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"done: {result['submission']}")
+
+
+@recipe_app.command("check")
+def recipe_check(recipe: str = typer.Argument(...)) -> None:
+    """Check a recipe (keys, model names, files) without running anything."""
+    from .recipe import load_recipe
+
+    try:
+        plan = load_recipe(recipe)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    for r in plan.stage1:
+        typer.echo(f"stage 1: {r.name}: {r.config.epochs} epochs, lr {r.config.lr:g}, {r.config.image_size} px")
+    typer.echo(f"ok: {len(plan.stage1)} run(s) -> {plan.out}")
 
 
 @data_app.command("elpv")
