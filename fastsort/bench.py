@@ -360,5 +360,16 @@ def step_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scorecard_markdown(card: dict) -> str:
+    m = card["machine"]
+    where = m.get("gpu") or f"CPU ({m['host_cpus']} cores)"
+    lines = [f"Recipe `{card['recipe']}` on {where}, {m['date'][:10]}, commit {m.get('git_commit')}, "
+             f"{card['seconds'] / 60:.1f} min end to end.", "",
+             "| stage | models | held-out accuracy | macro-F1 |", "|---|---|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['models']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} |" for r in card["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+README_SECTIONS["scorecard-elpv-cpu"] = ("benchmarks/results/scorecard-elpv-cpu.json", scorecard_markdown)
 README_SECTIONS["bench-step-cpu"] = ("benchmarks/results/step-cpu.json", step_markdown)
 README_SECTIONS["bench-step-gpu"] = ("benchmarks/results/step-gpu.json", step_markdown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -191,6 +192,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
     from .average import average_checkpoints, run_checkpoints
     from .predict import predict, pseudo_label
 
+    t_start = time.time()
     out = recipe.out
     out.mkdir(parents=True, exist_ok=True)
     saved = out / "recipe.json"
@@ -223,7 +225,8 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
         pseudo_csv = out / "pseudo.csv"
         if not _done(pseudo_csv, echo):
             kept = pseudo_label(stage1_pred, pseudo_csv, threshold=recipe.pseudo_label["threshold"])
-            echo(f"[run] pseudo-labels: {kept}")
+            echo(f"[run] pseudo-labels: {kept.kept} of {kept.total} test images at confidence >= "
+                 f"{kept.threshold:g} -> {pseudo_csv}")
         finals = []
         for run in stage2_runs(recipe, pseudo_csv):
             run.config.device = device
@@ -234,16 +237,16 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
             predict(finals, recipe.test, out=final_pred, progress=progress, **ens_kw, **test_kw)
 
     result = {"submission": final_pred / "submission.csv"}
-    if recipe.scorecard and recipe.test_labels:
+    if recipe.scorecard and recipe.test_labels and not _done(out / "scorecard.json", echo):
         result["scorecard"] = scorecard(recipe, averaged, stage1_pred, final_pred if recipe.stage2 else None,
-                                        device=device, echo=echo, progress=progress)
+                                        device=device, echo=echo, progress=progress, started=t_start)
     write_text_atomic(out / "submission.csv", result["submission"].read_text())
     echo(f"submission: {out / 'submission.csv'}")
     return result
 
 
 def scorecard(recipe: Recipe, averaged: list[Path], stage1_pred: Path, stage2_pred: Path | None, *, device: str,
-              echo, progress: bool) -> Path:
+              echo, progress: bool, started: float) -> Path:
     """Held-out accuracy after each stage: single model, + TTA, + averaging, + ensemble, + pseudo-labels."""
     from .predict import predict, score
 
@@ -272,7 +275,12 @@ def scorecard(recipe: Recipe, averaged: list[Path], stage1_pred: Path, stage2_pr
         records.append({"stage": stage, "models": what, "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]})
         lines.append(f"| {stage} | {what} | {s['accuracy']:.4f} | {s['macro_f1']:.4f} |")
     md = "\n".join(lines) + "\n"
-    write_text_atomic(recipe.out / "scorecard.json", json.dumps(records, indent=2))
+    from .bench import machine_info
+    from .loader import resolve_device
+
+    card = {"recipe": recipe.source.get("name"), "machine": machine_info(resolve_device(device)),
+            "seconds": time.time() - started, "rows": records}  # seconds: this invocation (less if it resumed)
+    write_text_atomic(recipe.out / "scorecard.json", json.dumps(card, indent=2))
     write_text_atomic(recipe.out / "scorecard.md", md)
     echo(md)
     return recipe.out / "scorecard.md"

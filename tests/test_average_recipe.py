@@ -164,7 +164,7 @@ def test_recipe_runs_every_step_and_resumes_after_being_killed(data, tmp_path, m
     out = tmp_path / "recipe-run"
     assert (out / "submission.csv").read_text().splitlines()[0] == "id,label"
     assert len((out / "submission.csv").read_text().splitlines()) == 1 + 7
-    card = json.loads((out / "scorecard.json").read_text())
+    card = json.loads((out / "scorecard.json").read_text())["rows"]
     assert [r["stage"].split(" (")[0] for r in card] == ["single model", "+ TTA", "+ weight averaging",
                                                          "+ ensemble", "+ pseudo-labels"]
     assert all(0 <= r["accuracy"] <= 1 for r in card)
