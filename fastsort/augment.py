@@ -40,17 +40,25 @@ def sample_cutmix(batch: int, height: int, width: int, *, alpha: float = 1.0, ge
         g1 = torch._standard_gamma(torch.full((batch,), alpha, device=device), generator=generator)
         g2 = torch._standard_gamma(torch.full((batch,), alpha, device=device), generator=generator)
         lam = g1 / (g1 + g2)
-    ratio = torch.sqrt(1.0 - lam)
-    cut_h = (height * ratio).floor()
-    cut_w = (width * ratio).floor()
     cy = torch.randint(0, height, (batch,), generator=generator, device=device)
     cx = torch.randint(0, width, (batch,), generator=generator, device=device)
-    y0 = (cy - torch.div(cut_h, 2, rounding_mode="floor")).clamp(0, height).long()
-    y1 = (cy + torch.div(cut_h, 2, rounding_mode="floor")).clamp(0, height).long()
-    x0 = (cx - torch.div(cut_w, 2, rounding_mode="floor")).clamp(0, width).long()
-    x1 = (cx + torch.div(cut_w, 2, rounding_mode="floor")).clamp(0, width).long()
+    box = cutmix_box(lam, cy, cx, height, width)
     partner = torch.randperm(batch, generator=generator, device=device)
-    return {"y0": y0, "y1": y1, "x0": x0, "x1": x1, "partner": partner}
+    return {**box, "partner": partner}
+
+
+def cutmix_box(lam: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, height: int, width: int) -> dict:
+    """The clipped box of each sample: sides ``floor(H*sqrt(1-lam))`` by ``floor(W*sqrt(1-lam))`` (height from
+    H, width from W), starting half a side above/left of the centre (cy, cx), clipped to the image."""
+    ratio = torch.sqrt(1.0 - lam)
+    cut_h = (height * ratio).floor().long()
+    cut_w = (width * ratio).floor().long()
+    y0 = cy.long() - torch.div(cut_h, 2, rounding_mode="floor")
+    x0 = cx.long() - torch.div(cut_w, 2, rounding_mode="floor")
+    # The end is start + side (not centre + side/2), so an odd side keeps its size and a 1-pixel box
+    # can start on the last row or column: every position is reachable.
+    return {"y0": y0.clamp(0, height), "y1": (y0 + cut_h).clamp(0, height),
+            "x0": x0.clamp(0, width), "x1": (x0 + cut_w).clamp(0, width)}
 
 
 def cutmix_box_mask(params: dict, height: int, width: int) -> torch.Tensor:

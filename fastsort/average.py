@@ -7,7 +7,8 @@ BatchNorm policy (``bn``):
   mean over batches. Averaged weights rarely match any checkpoint's statistics, so measuring them is right.
 * ``average``: the running statistics are averaged like every other float tensor (what the seed did).
 
-Integer buffers (BatchNorm's ``num_batches_tracked``) are counters, not weights: the largest is kept.
+Integer and bool buffers (BatchNorm's ``num_batches_tracked``) are counters, not weights: the largest is kept,
+in its own dtype.
 The seed averaged them and stored the result in fp16; here every float tensor is averaged in float64 and
 stored in its own dtype.
 """
@@ -24,7 +25,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .index import DataError, Index, load_dataset, preflight, split_fold
 from .loader import make_loader, resolve_device
-from .models import build_model
+from .models import build_model, load_model_state
 
 BN_POLICIES = ("recompute", "average")
 
@@ -37,24 +38,30 @@ class AverageResult:
     scores: dict[str, float]  # validation accuracy (with TTA) of each candidate, when top-k selected them
 
 
-def average_state_dicts(states: Sequence[dict]) -> dict:
-    """The uniform mean of each float tensor; integer tensors keep their largest value. Keys must agree."""
+def average_state_dicts(states: Sequence[dict], names: Sequence[str] | None = None) -> dict:
+    """The uniform mean of each float tensor (in float64, cast back to its dtype); integer and bool tensors
+    keep their largest value. Keys, shapes and dtypes must agree; ``names`` (e.g. the files) name culprits."""
     if not states:
         raise ValueError("nothing to average")
+    names = list(names) if names is not None else [f"checkpoint {i}" for i in range(len(states))]
     keys = list(states[0])
-    for i, s in enumerate(states[1:], 1):
-        if list(s) != keys:
-            raise ValueError(f"checkpoint {i} has other tensors than checkpoint 0: "
-                             f"{sorted(set(s) ^ set(keys))[:5]}")
+    for name, s in zip(names[1:], states[1:]):
+        missing, extra = [k for k in keys if k not in s], [k for k in s if k not in states[0]]
+        if missing or extra:
+            raise ValueError(f"{name} has other tensors than {names[0]}: missing {missing[:5]}, extra {extra[:5]}")
     out = {}
     for k in keys:
         tensors = [s[k] for s in states]
-        if any(t.shape != tensors[0].shape for t in tensors):
-            raise ValueError(f"tensor {k!r} has different shapes: {[tuple(t.shape) for t in tensors]}")
+        for name, t in zip(names[1:], tensors[1:]):
+            if t.shape != tensors[0].shape:
+                raise ValueError(f"tensor {k!r} has shape {tuple(t.shape)} in {name} but {tuple(tensors[0].shape)} "
+                                 f"in {names[0]}")
+            if t.is_floating_point() != tensors[0].is_floating_point():
+                raise ValueError(f"tensor {k!r} is {t.dtype} in {name} but {tensors[0].dtype} in {names[0]}")
         if tensors[0].is_floating_point():
             out[k] = torch.stack([t.double() for t in tensors]).mean(0).to(tensors[0].dtype)
-        else:
-            out[k] = torch.stack(tensors).max(0).values
+        else:  # counters (num_batches_tracked) and flags: not averaged, the largest is kept, dtype unchanged
+            out[k] = torch.stack(tensors).amax(0) if tensors[0].dtype != torch.bool else torch.stack(tensors).any(0)
     return out
 
 
@@ -63,12 +70,10 @@ def fold_parts(state: dict) -> tuple[Index, Index]:
     cfg = state["config"]
     scan = load_dataset(cfg["data"], image_root=cfg.get("image_root"), id_col=cfg.get("id_col", "image_id"),
                         label_col=cfg.get("label_col", "label"), classes=state["classes"])
-    if cfg.get("skip_bad"):  # training skipped the bad files; skip the same ones so the folds are the same
-        index = preflight(scan, skip_bad=True).index
-    elif scan.problems:
+    if scan.problems and not cfg.get("skip_bad"):
         raise DataError(f"the training data of this checkpoint ({cfg['data']}) has changed:", scan.problems[:20])
-    else:
-        index = scan.index
+    # The same pre-flight as training: the same files skipped (so the same folds), the same RGB copies read.
+    index = preflight(scan, skip_bad=bool(cfg.get("skip_bad"))).index
     train_idx, val_idx, _ = split_fold(index, cfg["fold"], cfg["n_folds"], cfg["seed"])
     return train_idx, val_idx
 
@@ -155,14 +160,14 @@ def average_checkpoints(
         order = sorted(range(len(paths)), key=lambda i: -scores[paths[i]])  # stable: ties keep the given order
         chosen = sorted(order[:top_k])
     sources = [paths[i] for i in chosen]
-    averaged = average_state_dicts([states[i]["model"] for i in chosen])
+    averaged = average_state_dicts([states[i]["model"] for i in chosen], [paths[i] for i in chosen])
 
     info = first["model_info"]
     if bn == "recompute":
         cfg = first["config"]
         model, _ = build_model(first["model_name"], len(first["classes"]), act=cfg.get("act", "mish"),
                                channels_last=cfg.get("channels_last", True), drop_rate=cfg.get("drop_rate"))
-        model.load_state_dict(averaged)
+        load_model_state(model, averaged, source=f"average of {', '.join(sources)}")
         model.to(dev)
         n = recompute_bn(model, train_idx, image_size=info["image_size"], mean=info["mean"], std=info["std"],
                          batch_size=batch_size, device=dev, loader=loader, workers=workers)

@@ -61,7 +61,10 @@ def train(
     fold: int = typer.Option(0, help="validation fold"),
     n_folds: int = typer.Option(5),
     seed: int = typer.Option(2020),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip unreadable files and bad rows instead of stopping"),
+    bad_images: str = typer.Option("error", "--bad-images",
+                                   help="error: stop before training, listing every bad file and row; skip: leave "
+                                        "them out, print the count and write them to <run>/skipped.csv"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="the same as --bad-images skip"),
     pseudo: str = typer.Option("", help="stage 2: pseudo-label CSV from `fastsort pseudo-label`, added to this "
                                "fold's training part only"),
     init: str = typer.Option("", help="stage 2: start from this checkpoint (same --model and classes); the seed's "
@@ -74,6 +77,9 @@ def train(
     from .index import DataError
     from .train import TrainConfig, train as run
 
+    if bad_images not in ("skip", "error"):
+        _fail(ValueError(f"--bad-images must be skip or error, got {bad_images!r}"))
+    skip_bad = skip_bad or bad_images == "skip"
     cfg = TrainConfig(data=data, image_root=image_root, id_col=id_col, label_col=label_col, out=out, model=model,
                       pretrained=pretrained, act=act, mish=mish, image_size=image_size, batch_size=batch_size, epochs=epochs,
                       lr=lr, weight_decay=weight_decay, accum_steps=accum_steps, cutmix_fraction=cutmix_fraction,

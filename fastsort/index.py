@@ -13,8 +13,10 @@ Every problem is collected with the file, row or value it concerns, so a user se
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +26,10 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DataWarning(UserWarning):
+    """Something in the data was left out on purpose (an empty folder, loose files); said once, by name."""
 
 
 class DataError(ValueError):
@@ -120,7 +126,7 @@ def scan_folder(root: str | Path) -> ScanResult:
     if not root.is_dir():
         raise DataError(f"expected a folder of class folders or a CSV file, got: {root}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    problems, notes = [], []
+    problems, notes, empty = [], [], []
     paths, labels, ids, classes = [], [], [], []
     for class_dir in class_dirs:
         files = []
@@ -128,7 +134,7 @@ def scan_folder(root: str | Path) -> ScanResult:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image_name(f))
         if not files:
-            problems.append(f"empty class folder (no images): {class_dir}")
+            empty.append(class_dir.name)
             continue
         label = len(classes)
         classes.append(class_dir.name)
@@ -140,6 +146,17 @@ def scan_folder(root: str | Path) -> ScanResult:
         loose = [f for f in os.listdir(root) if _is_image_name(f)]
         what = f"{len(loose)} images but no class folders" if loose else "no class folders"
         raise DataError(f"{root} has {what}: put each class's images in its own sub-folder, or pass a CSV")
+    loose = sorted(f for f in os.listdir(root) if _is_image_name(f) and (root / f).is_file())
+    if empty:
+        notes.append(f"{len(empty)} folder(s) in {root} hold no images and are not classes: {', '.join(empty)}")
+    if loose:
+        notes.append(f"{len(loose)} image(s) directly in {root} belong to no class folder and are not used: "
+                     f"{', '.join(loose[:10])}" + (" ..." if len(loose) > 10 else ""))
+    for note in notes:
+        warnings.warn(note, DataWarning, stacklevel=2)
+    if len(classes) < 2:
+        raise DataError(f"{root} has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}); "
+                        "at least 2 are needed", notes)
     index = Index(tuple(paths), np.asarray(labels, dtype=np.int64), tuple(classes), tuple(ids))
     return ScanResult(index, problems, notes)
 
@@ -207,6 +224,7 @@ def read_csv(
     names, by_stem = _list_images(image_root)
     problems: list[str] = []
     seen: dict[str, tuple[int, str]] = {}
+    seen_files: dict[str, tuple[int, str]] = {}
     kept: list[tuple[int, str, str, str]] = []  # line, id, file, raw label
     for line, row in rows:
         image_id = (row.get(id_col) or "").strip()
@@ -234,6 +252,12 @@ def read_csv(
         else:
             problems.append(f"{where}: no image file for id {image_id!r} in {image_root}")
             continue
+        if file in seen_files:  # "x" and "x.jpg" name the same file
+            first_line, first_label = seen_files[file]
+            conflict = f"with label {first_label!r} vs {raw!r}" if first_label != raw else "(same label)"
+            problems.append(f"{where}: id {image_id!r} names file {file!r} again, first on line {first_line} {conflict}")
+            continue
+        seen_files[file] = (line, raw)
         kept.append((line, image_id, file, raw))
 
     if label_col:
@@ -323,15 +347,77 @@ def split_fold(index: Index, fold: int, n_folds: int = 5, seed: int = 2020) -> t
 
 @dataclass
 class Preflight:
-    index: Index  # what survives
+    index: Index  # what survives; paths of converted files point at their normalised RGB copies
     problems: list[str]  # everything wrong, by file or row
     skipped: int  # samples dropped under skip_bad
     sizes: np.ndarray  # (N, 2) height, width of every surviving image
     notes: list[str]
+    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of every undecodable file
+    converted: int = 0  # files read through a normalised RGB copy (alpha, 16-bit, palette, ...)
+    other_problems: list[str] = field(default_factory=list)  # problems that are not an undecodable file
 
 
-def probe_image(path: str) -> tuple[int, int] | str:
-    """(height, width) of a fully decodable image, or a string saying why it is not."""
+# Files the loaders' decoders (OpenCV, DALI) read alike: 8-bit grey or RGB without transparency. Every other
+# mode is converted once, by Pillow, into an RGB PNG in the cache, and all loaders read that copy.
+PLAIN_MODES = ("L", "RGB")
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def rgb_cache_dir() -> Path:
+    """Where normalised RGB copies live: ``$FASTSORT_CACHE/rgb``, default ``~/.cache/fastsort/rgb``."""
+    base = os.environ.get("FASTSORT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastsort")
+    return Path(base) / "rgb"
+
+
+def _needs_rgb_copy(im) -> bool:
+    """True unless the file is 8-bit grey/RGB without transparency; decided from the header, no decode."""
+    if im.mode not in PLAIN_MODES or "transparency" in im.info:
+        return True
+    if im.format == "PNG" and im.tile:  # a 16-bit RGB PNG opens as mode RGB with raw mode "RGB;16B"
+        raw = im.tile[0][3]
+        return (raw[0] if isinstance(raw, tuple) else raw) not in PLAIN_MODES
+    return False
+
+
+def to_rgb_array(path: str) -> np.ndarray:
+    """Decode any mode to (H, W, 3) uint8: alpha composited on ``BACKGROUND``, 16-bit scaled by 1/257."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            # 16-bit grey (Pillow reads 16-bit PNG as I;16 or I): v -> v/257 keeps the full range.
+            grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        if im.mode in PLAIN_MODES and "transparency" not in im.info:
+            return np.asarray(im.convert("RGB"))
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint32)  # palette/grey transparency become alpha here
+    rgb, alpha = rgba[:, :, :3], rgba[:, :, 3:]
+    bg = np.asarray(BACKGROUND, dtype=np.uint32)
+    return ((rgb * alpha + bg * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def rgb_copy(path: str, cache: Path) -> str:
+    """Path of the normalised RGB PNG copy of ``path`` (made once; named by a hash of the file's bytes)."""
+    import hashlib
+
+    from PIL import Image
+
+    digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+    out = cache / f"{digest}.png"
+    if not out.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{digest}.tmp{os.getpid()}.{threading.get_ident()}.png"
+        Image.fromarray(to_rgb_array(path), "RGB").save(tmp, compress_level=1)
+        os.replace(tmp, out)
+    return str(out)
+
+
+def probe_image(path: str, cache: Path | None = None) -> tuple[int, int, str] | str:
+    """(height, width, path to read) of a fully decodable image, or a string saying why it is not.
+
+    The path to read is ``path`` itself for 8-bit grey/RGB files, else its normalised RGB copy in ``cache``.
+    """
     from PIL import Image
 
     try:
@@ -339,15 +425,18 @@ def probe_image(path: str) -> tuple[int, int] | str:
             w, h = im.size
             if im.format not in ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO"):
                 return f"unsupported image format {im.format}"
-            im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode at 1/8 scale, still reads every byte
+            convert = _needs_rgb_copy(im)
+            if im.format == "JPEG" and not convert:
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # decode at 1/8 scale, still reads every byte
             im.load()
+        if w < 1 or h < 1:
+            return f"empty image ({w}x{h})"
+        read = rgb_copy(path, cache or rgb_cache_dir()) if convert else path
     except FileNotFoundError:
         return "file not found"
     except Exception as exc:  # PIL raises many types for corrupt data
         return f"cannot decode ({type(exc).__name__}: {exc})"
-    if w < 1 or h < 1:
-        return f"empty image ({w}x{h})"
-    return h, w
+    return h, w, read
 
 
 def preflight(
@@ -356,33 +445,64 @@ def preflight(
     skip_bad: bool = False,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    report: str | Path | None = None,
+    cache: str | Path | None = None,
 ) -> Preflight:
-    """Decode-check every file and gather every problem; raise ``DataError`` listing them unless ``skip_bad``."""
+    """Decode-check every file and gather every problem; raise ``DataError`` listing them unless ``skip_bad``.
+
+    Files that are not 8-bit grey/RGB (alpha, palette, 16-bit, CMYK, ...) get a normalised RGB copy in
+    ``cache`` (default ``rgb_cache_dir()``) that every loader reads instead. With ``report``, the skipped
+    files and rows are written there as a CSV (path, reason), atomically, even when nothing was skipped.
+    """
     index = scan.index
     workers = workers or min(8, os.cpu_count() or 1)
+    cache = Path(cache) if cache else rgb_cache_dir()
     problems = list(scan.problems)
     results: list = [None] * len(index)
     with ThreadPoolExecutor(workers) as pool:
-        for i, r in enumerate(pool.map(probe_image, index.paths, chunksize=16)):
+        for i, r in enumerate(pool.map(lambda p: probe_image(p, cache), index.paths, chunksize=16)):
             results[i] = r
             if progress and (i + 1) % 64 == 0:
                 progress(64)
     if progress:
         progress(len(index) % 64)
-    good = []
+    good, bad_files = [], []
     for i, r in enumerate(results):
         if isinstance(r, str):
             problems.append(f"{index.origins[i]}: {r}")
+            bad_files.append((index.paths[i], r))
         else:
             good.append(i)
     survivors = index.subset(good)
-    counts = survivors.class_counts() if survivors.num_classes else np.zeros(0)
-    for name, n in zip(survivors.classes, counts):
-        if n == 0 and index.labels.size and (index.labels >= 0).any():
-            problems.append(f"class {name!r} has no usable images")
+    read_paths = tuple(results[i][2] for i in good)
+    converted = sum(a != b for a, b in zip(read_paths, survivors.paths))
+    if converted:
+        survivors = Index(read_paths, survivors.labels, survivors.classes, survivors.ids, survivors.origins)
+    before = index.class_counts() if index.num_classes else np.zeros(0)
+    after = survivors.class_counts() if survivors.num_classes else np.zeros(0)
+    other = list(scan.problems)
+    for name, n0, n in zip(survivors.classes, before, after):
+        if n0 > 0 and n == 0:  # a class that had images and lost every one of them to bad files
+            problems.append(f"class {name!r} has no usable images (all {n0} are bad)")
+            other.append(problems[-1])
     if problems and not skip_bad:
         raise DataError(
-            f"{len(problems)} problem(s) found before training; fix them or pass --skip-bad to skip them:", problems
+            f"{len(problems)} problem(s) found before training; fix them or pass --bad-images skip "
+            "(--skip-bad) to skip them:", problems
         )
-    sizes = np.asarray([results[i] for i in good], dtype=np.int64).reshape(-1, 2)
-    return Preflight(survivors, problems, len(index) - len(survivors), sizes, list(scan.notes))
+    sizes = np.asarray([results[i][:2] for i in good], dtype=np.int64).reshape(-1, 2)
+    checked = Preflight(survivors, problems, len(index) - len(survivors), sizes, list(scan.notes), bad_files,
+                        converted, other)
+    if report is not None:
+        write_skip_report(Path(report), checked)
+    return checked
+
+
+def write_skip_report(path: Path, checked: Preflight) -> None:
+    """``path,reason`` for every skipped file, then ``,problem`` for every other problem (rows, classes)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "reason"])
+    w.writerows(checked.bad_files)
+    w.writerows(("", p) for p in checked.other_problems)
+    write_text_atomic(path, buf.getvalue())

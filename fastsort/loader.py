@@ -21,8 +21,8 @@ run would have seen.
 
 Epoch policy: every sample exactly once per epoch. Training batches come from a fresh seeded
 permutation; when the last batch would hold a single sample it is merged into the one before it
-(BatchNorm cannot train on one sample), so every epoch has the same batches count. Evaluation keeps
-index order, with a short last batch.
+(BatchNorm cannot train on one sample), so every epoch has the same batches count; fewer images than the
+batch size make one batch of all of them. Evaluation keeps index order, with a short last batch.
 """
 
 from __future__ import annotations
@@ -356,11 +356,9 @@ class Loader:
             raise ValueError(f"loader backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.train and self.batch_size > len(self.index):
-            raise DataError(
-                f"batch size {self.batch_size} is larger than the {len(self.index)} training images; "
-                "lower --batch-size"
-            )
+        if self.train and len(self.index) < 2:
+            raise DataError(f"a training loader needs at least 2 images (BatchNorm cannot train on one), "
+                            f"got {len(self.index)}")
         self.workers = self.workers or min(4, os.cpu_count() or 1)
         self._device = torch.device(self.device)
 

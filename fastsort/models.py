@@ -182,18 +182,50 @@ def build_model(
 # ----------------------------------------------------------------------------------------------- weights
 
 
+HOLDER_KEYS = ("n_averaged",)  # torch.optim.swa_utils.AveragedModel's own counter, not a model weight
+
+
 def strip_wrapper_prefixes(state: dict) -> dict:
-    """Remove DataParallel/DDP ``module.`` and torch.compile ``_orig_mod.`` prefixes in any nesting."""
+    """Key names of the bare model, whatever wrapped it when it was saved.
+
+    Removes leading DataParallel/DDP/EMA-holder ``module.`` and torch.compile ``_orig_mod.`` prefixes in any
+    nesting and order, ``_orig_mod.`` also inside a key (a compiled sub-module), and an averaging holder's
+    ``n_averaged`` counter.
+    """
+    wrapped = any(k.startswith(WRAPPER_PREFIXES) for k in state)
     out = {}
     for key, value in state.items():
+        if wrapped and key in HOLDER_KEYS:
+            continue
         changed = True
         while changed:
             changed = False
             for prefix in WRAPPER_PREFIXES:
                 if key.startswith(prefix):
                     key, changed = key[len(prefix):], True
+        key = key.replace("._orig_mod.", ".")
+        if key in out:
+            raise ValueError(f"state dict has key {key!r} twice once wrapper prefixes are removed")
         out[key] = value
     return out
+
+
+def load_model_state(model: nn.Module, state: dict, *, source: str = "state dict") -> None:
+    """Load ``state`` into ``model`` strictly after removing wrapper prefixes; a mismatch is a
+    ``ValueError`` naming ``source`` and every missing, unexpected and misshapen key."""
+    state = strip_wrapper_prefixes(state)
+    target = model.state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    bad_shape = [k for k in target if k in state and tuple(state[k].shape) != tuple(target[k].shape)]
+    if missing or unexpected or bad_shape:
+        lines = [f"{source}: weights do not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                 f"{len(bad_shape)} of another shape)"]
+        lines += [f"  missing: {k}" for k in missing[:20]]
+        lines += [f"  unexpected: {k}" for k in unexpected[:20]]
+        lines += [f"  shape mismatch: {k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in bad_shape[:20]]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -234,7 +266,11 @@ def load_weights(model: nn.Module, path: str | Path, *, head_prefixes: tuple[str
         raise ValueError("\n".join(lines))
     for k in skipped:
         del source[k]
-    model.load_state_dict(source, strict=False)
+    # The only partial load: the head, replaced on purpose; everything else must have loaded.
+    result = model.load_state_dict(source, strict=False)
+    left_out = [k for k in result.missing_keys if k not in skipped and not k.endswith("num_batches_tracked")]
+    if left_out or result.unexpected_keys:
+        raise ValueError(f"{path}: partial load left out {left_out[:20]}, unexpected {result.unexpected_keys[:20]}")
     note = f", fresh head ({', '.join(skipped)})" if skipped else ""
     return f"{Path(path).name} ({len(source)} tensors matched {how}{note})"
 

@@ -31,7 +31,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .index import DataError, Index, ScanResult, _is_image_name, preflight, read_csv, write_text_atomic
 from .loader import BACKENDS, make_loader, resolve_device
-from .models import build_model
+from .models import build_model, load_model_state
 from .train import _Progress, autocast_for, resolve_precision
 
 # ----------------------------------------------------------------------------------------------- TTA views
@@ -93,7 +93,7 @@ def model_from_checkpoint(state: dict, device: torch.device) -> tuple[torch.nn.M
     model, _ = build_model(state["model_name"], len(state["classes"]), act=cfg.get("act", info.get("act", "mish")),
                            pretrained=None, channels_last=cfg.get("channels_last", True),
                            drop_rate=cfg.get("drop_rate"), mish=mish)
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"], source=f"checkpoint of {state['model_name']}")
     return model.to(device).eval(), info
 
 

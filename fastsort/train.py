@@ -278,7 +278,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
     scan = load_dataset(cfg.data, image_root=cfg.image_root, id_col=cfg.id_col, label_col=cfg.label_col)
     with _Progress(progress) as bar:
         task = bar.task("pre-flight scan", len(scan.index))
-        checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k))
+        checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k), report=run_dir / "skipped.csv")
     index = checked.index
     if checked.skipped or checked.problems:
         _print(f"--skip-bad: skipped {checked.skipped} image(s) and {len(checked.problems)} problem(s):", echo)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_image, write_csv_dataset
-from fastsort.index import DataError, load_dataset, preflight, read_csv, save_class_map, scan_folder, split_fold, \
+from fastsort.index import DataError, DataWarning, load_dataset, preflight, read_csv, save_class_map, scan_folder, split_fold, \
     stratified_folds
 
 
@@ -20,17 +20,15 @@ def test_scan_folder_classes_and_junk(folder_data):
     assert not result.problems
 
 
-def test_empty_class_folder_is_reported(folder_data):
+def test_folders_without_images_are_named_in_one_warning_and_are_not_classes(folder_data):
     (folder_data / "empty").mkdir()
     (folder_data / "onlytext").mkdir()
     (folder_data / "onlytext" / "readme.txt").write_text("x")
-    result = scan_folder(folder_data)
-    assert any("empty" in p and "empty class" in p for p in result.problems)
-    assert any("onlytext" in p for p in result.problems)
-    with pytest.raises(DataError, match="empty class folder"):
-        preflight(result)
-    kept = preflight(result, skip_bad=True)
-    assert kept.index.classes == ("cat", "dog", "eel")
+    with pytest.warns(DataWarning) as caught:
+        result = scan_folder(folder_data)
+    assert len(caught) == 1 and "empty" in str(caught[0].message) and "onlytext" in str(caught[0].message)
+    assert not result.problems and result.index.classes == ("cat", "dog", "eel")
+    assert preflight(result).index.classes == ("cat", "dog", "eel")
 
 
 def test_root_without_class_folders(tmp_path):

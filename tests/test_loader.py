@@ -164,11 +164,13 @@ def test_cuda_without_gpu_is_a_clear_error(index33):
         make_loader(index33, batch_size=4, train=True, device="cuda")
 
 
-def test_batch_larger_than_dataset(index33):
+def test_batch_larger_than_dataset_is_one_batch(index33):
     from fastsort.index import DataError
 
-    with pytest.raises(DataError, match="batch size 64 is larger than the 33"):
-        make_loader(index33, batch_size=64, train=True, device="cpu")
+    loader = make_loader(index33, batch_size=64, train=True, device="cpu")
+    assert len(loader) == 1 and sorted(loader.batches(0)[0].tolist()) == list(range(33))
+    with pytest.raises(DataError, match="at least 2 images"):
+        make_loader(index33.subset([0]), batch_size=64, train=True, device="cpu")
 
 
 @pytest.mark.gpu
