@@ -513,7 +513,7 @@ SHAPES = [(224, 224), (224, 320), (320, 224)]
 
 
 def _two_images(h, w):
-    x = torch.stack([torch.zeros(3, h, w), torch.ones(3, h, w)])
+    x = torch.stack([torch.zeros(1, h, w), torch.ones(1, h, w)])  # one channel: the geometry is per pixel
     return x, one_hot(torch.tensor([0, 1]), 2)
 
 
