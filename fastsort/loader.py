@@ -379,7 +379,7 @@ class Loader:
                 f"batch size {self.batch_size} is larger than the {len(self.index)} training images; "
                 "lower --batch-size"
             )
-        if not 0 <= self.rank < self.world_size:
+        if self.world_size > 1 and not 0 <= self.rank < self.world_size:  # world 1: rank seeds augmentation only
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         if self.train and len(self.index) < 2 * self.world_size:
             raise DataError(f"{len(self.index)} training images cannot give each of {self.world_size} ranks 2 samples")
@@ -391,7 +391,7 @@ class Loader:
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         return batch_positions(len(self.index), self.batch_size, shuffle=self.train, seed=self.seed, epoch=epoch,
-                               rank=self.rank, world_size=self.world_size)
+                               rank=self.rank if self.world_size > 1 else 0, world_size=self.world_size)
 
     def params(self, epoch: int) -> dict | None:
         """This epoch's augmentation parameters, one row per index position (None for evaluation)."""
