@@ -276,10 +276,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """OneCycleLR over exactly ``total_steps`` optimizer steps (the loop steps it once per optimizer step).
+
+    PyTorch divides by zero when the warm-up ends exactly on step 0 (pct_start x total_steps == 1, e.g. 4
+    steps at 0.25): then the warm-up is taken as 0 steps long, so step 0 runs at the peak LR.
+    """
     if total_steps < 1:
         raise ValueError("the run has no optimizer steps; raise --epochs or lower --accum-steps")
+    if not 0 < cfg.pct_start < 1:
+        raise ValueError(f"--pct-start must be in (0, 1), got {cfg.pct_start}")
+    pct = cfg.pct_start
+    if abs(pct * total_steps - 1) < 1e-9:
+        pct = (1 - 1e-6) / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start, anneal_strategy="cos",
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct, anneal_strategy="cos",
         cycle_momentum=True, base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum,
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
     )
@@ -407,9 +417,13 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, pr
     main = dist_info.main
     if not main:
         echo, progress = (lambda msg: None), False
+    if cfg.sync_bn and dist_info.enabled and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)  # one GPU per process
         torch.cuda.set_device(device)
+    if cfg.precision != "auto":
+        check_weight_dtype(cfg.precision, cfg.weight_dtype)  # name the combination before any device check
     precision = resolve_precision(cfg.precision, device)
     weight_dtype = check_weight_dtype(precision, cfg.weight_dtype)
     if cfg.accum_steps < 1:
