@@ -429,6 +429,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, pr
     if cfg.accum_steps < 1:
         raise ValueError(f"--accum-steps must be at least 1, got {cfg.accum_steps}")
     if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its init)
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     run_dir = cfg.run_dir()
@@ -607,10 +608,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, pr
                         bar.update(task, 0, info=f"loss {running:.4f}  {ips:.0f} img/s")
                     bar.update(task, 1)
                     if _should_stop(stop, i, n_batches, cfg.log_every, device, dist_info):
-                        raise Interrupted(stop.signum or signal.SIGTERM,
-                                          f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} in "
-                                          f"epoch {epoch + 1} after step {global_step}; {last_path} holds the last "
-                                          f"complete epoch ({epoch}); continue with --resume")
+                        raise _interrupted(stop, f"in epoch {epoch + 1} after step {global_step}", epoch, last_path)
                 if epoch_steps != steps_per_epoch:
                     raise RuntimeError(f"epoch {epoch + 1} took {epoch_steps} optimizer steps, the schedule expected "
                                        f"{steps_per_epoch} (the loader yielded fewer batches than len(loader))")
@@ -654,11 +652,20 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, pr
                     import torch.distributed as dist
 
                     dist.barrier()  # every rank sees rank 0's checkpoint before the next epoch (or a resume)
+                if epoch + 1 < cfg.epochs and _should_stop(stop, 0, 1, 1, device, dist_info):
+                    raise _interrupted(stop, f"after epoch {epoch + 1}", epoch + 1, last_path)
     finally:
         if writer:
             writer.close()
     _print(f"done in {time.time() - t_start:.0f} s: best val acc {best_acc:.4f} -> {run_dir / 'best.pt'}", echo)
     return TrainResult(run_dir, run_dir / "best.pt", last_path, best_acc, history)
+
+
+def _interrupted(stop: "_StopSignals", where: str, complete: int, last_path: Path) -> Interrupted:
+    signum = stop.signum or signal.SIGTERM  # distributed: another rank may have been the one signalled
+    kept = (f"{last_path} holds epoch {complete}; continue with --resume" if complete else
+            "no epoch had completed, so there is nothing to resume; start the run again")
+    return Interrupted(signum, f"stopped by {signal.Signals(signum).name} {where}; {kept}")
 
 
 def _step_due(i: int, n_batches: int, accum: int) -> bool:

@@ -53,7 +53,7 @@ def full(data, tmp_path_factory):
 def test_signal_stops_after_the_step_and_resume_matches_an_uninterrupted_run(data, full, tmp_path, monkeypatch, sig):
     before = signal.getsignal(sig)
     _signal_at_batch(monkeypatch, 5, sig)  # epoch 2, second batch
-    with pytest.raises(Interrupted, match=f"{signal.Signals(sig).name} in epoch 2.*--resume") as info:
+    with pytest.raises(Interrupted, match=f"{signal.Signals(sig).name} in epoch 2.*holds epoch 1.*--resume") as info:
         train(_cfg(data, tmp_path / "cut"), progress=False)
     assert info.value.signum == sig
     assert signal.getsignal(sig) == before  # the handlers are restored
@@ -125,6 +125,26 @@ def test_unwritable_run_folder_is_named_before_training(data, tmp_path):
         ro.mkdir(mode=0o555)
         with pytest.raises(PermissionError, match="ro/run"):
             train(_cfg(data, ro / "run", epochs=1), progress=False)
+
+
+def test_signal_during_the_epoch_end_stops_after_its_checkpoint(data, tmp_path, monkeypatch):
+    real = T.evaluate
+
+    def signalled_during_validation(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", signalled_during_validation)
+    with pytest.raises(Interrupted, match="SIGTERM after epoch 1; .*holds epoch 1"):
+        train(_cfg(data, tmp_path / "run"), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 0  # written completely before stopping
+
+
+def test_signal_in_the_first_epoch_says_there_is_nothing_to_resume(data, tmp_path, monkeypatch):
+    _signal_at_batch(monkeypatch, 1)
+    with pytest.raises(Interrupted, match="in epoch 1 after step 1; no epoch had completed"):
+        train(_cfg(data, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("loader", ["threads", "dali"])
