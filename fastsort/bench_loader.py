@@ -33,6 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .bench import sync
 from .index import DataError, Index, load_dataset
 from .loader import IMAGENET_MEAN, IMAGENET_STD, batch_positions, make_loader
 
@@ -255,8 +256,7 @@ def run_variant(name: str, data: str, *, batch: int, size: int, cpus: int, epoch
         n, t0 = 0, time.perf_counter()
         for x in epochs_fn(e):
             n += x.shape[0]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)  # the last batch's device work belongs to this epoch's time
         if e:  # epoch 0 is the warm-up
             times.append(time.perf_counter() - t0)
             counts.append(n)

@@ -71,11 +71,17 @@ def train(
                              "stage 2 used half the stage-1 --lr and a quarter of its --epochs"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last.pt"),
     limit_batches: int = typer.Option(0, help="train on at most this many batches per epoch (smoke tests)"),
+    weight_dtype: str = typer.Option("fp32", help="fp32, or bf16 with --precision bf16 (pure-bf16 weights)"),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="under torchrun: SyncBatchNorm (statistics over all ranks)"),
+    scale_lr: bool = typer.Option(True, "--scale-lr/--no-scale-lr",
+                                  help="under torchrun: peak LR = --lr x world size (linear scaling rule)"),
+    deterministic: bool = typer.Option(False, "--deterministic",
+                                       help="deterministic torch algorithms, no cuDNN autotuning (slower on GPU)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Train one fold: pre-flight scan, DALI loader, CutMix/GridMask, Lookahead+SGD one-cycle, checkpoints."""
     from .index import DataError
-    from .train import TrainConfig, train as run
+    from .train import Interrupted, TrainConfig, train as run
 
     if bad_images not in ("skip", "error"):
         _fail(ValueError(f"--bad-images must be skip or error, got {bad_images!r}"))
@@ -86,11 +92,15 @@ def train(
                       gridmask_ratio=gridmask_ratio, precision=precision, device=device,
                       loader=loader if dali is None else ("dali" if dali else "torch"), workers=workers,
                       fold=fold, n_folds=n_folds, seed=seed, skip_bad=skip_bad, pseudo=pseudo, init=init,
-                      resume=resume, limit_batches=limit_batches)
+                      resume=resume, limit_batches=limit_batches, weight_dtype=weight_dtype, sync_bn=sync_bn,
+                      scale_lr=scale_lr, deterministic=deterministic)
     if data == "data/elpv" and not Path(data).exists():
         _fail(FileNotFoundError("the default dataset is missing: run `fastsort data elpv` first (or pass --data)"))
     try:
         result = run(cfg, echo=typer.echo, progress=not quiet and sys.stderr.isatty())
+    except Interrupted as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(128 + exc.signum)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as exc:
         _fail(exc)
     typer.echo(f"validation accuracy (best epoch): {result.best_val_acc:.4f}")

@@ -23,6 +23,15 @@ Epoch policy: every sample exactly once per epoch. Training batches come from a 
 permutation; when the last batch would hold a single sample it is merged into the one before it
 (BatchNorm cannot train on one sample), so every epoch has the same batches count; fewer images than the
 batch size make one batch of all of them. Evaluation keeps index order, with a short last batch.
+
+Sharding (``world_size`` > 1, distributed training): the permutation is seeded by (seed, epoch) only, so
+every rank draws the same one; it is cut into global batches of ``batch_size * world_size`` and each is
+split across the ranks (``np.array_split``: parts differ by at most one sample). Every rank therefore runs
+the same number of batches and, across ranks, every sample is seen exactly once per epoch -- nothing is
+dropped or padded. A last global batch that would give some rank fewer than 2 samples is merged into the
+one before it (the single-process rule above is the case ``world_size`` = 1). Evaluation gives rank r the
+r-th contiguous part of the index. Augmentation parameters follow (seed, global rank, epoch), apart from
+the shuffle.
 """
 
 from __future__ import annotations
@@ -57,16 +66,24 @@ def epoch_rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, *[int(s) & 0xFFFFFFFF for s in stream]])
 
 
-def batch_positions(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0) -> list[np.ndarray]:
-    """Positions of each batch of one epoch (the module docstring gives the policy)."""
+def batch_positions(n: int, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, rank: int = 0,
+                    world_size: int = 1) -> list[np.ndarray]:
+    """Positions of each batch of one epoch for one rank (the module docstring gives the policy)."""
     if n == 0:
         return []
-    order = epoch_rng(seed, epoch, 0).permutation(n) if shuffle else np.arange(n)
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if shuffle and len(batches) > 1 and len(batches[-1]) == 1:
-        tail = batches.pop()
+    if not shuffle:  # evaluation: rank r takes the r-th contiguous part, in index order, short last batch
+        part = np.array_split(np.arange(n), world_size)[rank]
+        return [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    # Training: one permutation shared by every rank (seeded by (seed, epoch) only), cut into global batches
+    # of batch_size x world_size; each global batch is split across the ranks, so every rank has the same
+    # number of batches and every sample is seen exactly once per epoch.
+    order = epoch_rng(seed, epoch, 0).permutation(n)
+    step = batch_size * world_size
+    batches = [order[i : i + step] for i in range(0, n, step)]
+    if len(batches) > 1 and len(batches[-1]) < 2 * world_size:
+        tail = batches.pop()  # a rank would train on fewer than 2 samples (BatchNorm needs 2): merge it
         batches[-1] = np.concatenate([batches[-1], tail])
-    return batches
+    return [np.array_split(b, world_size)[rank] for b in batches]
 
 
 def gaussian_sigma(k: np.ndarray | int) -> np.ndarray:
@@ -350,23 +367,27 @@ class Loader:
     seed: int = 2020
     rank: int = 0
     workers: int = 0
+    world_size: int = 1
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"loader backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.batch_size < 1:
             raise DataError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.train and len(self.index) < 2:
-            raise DataError(f"a training loader needs at least 2 images (BatchNorm cannot train on one), "
-                            f"got {len(self.index)}")
+        if self.world_size > 1 and not 0 <= self.rank < self.world_size:  # world 1: rank seeds augmentation only
+            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+        if self.train and len(self.index) < 2 * self.world_size:
+            raise DataError(f"a training loader needs at least 2 images per rank (BatchNorm cannot train on one): "
+                            f"{len(self.index)} image(s) for {self.world_size} rank(s)")
         self.workers = self.workers or min(4, os.cpu_count() or 1)
         self._device = torch.device(self.device)
 
     def __len__(self) -> int:
-        return len(batch_positions(len(self.index), self.batch_size, shuffle=self.train, seed=self.seed))
+        return len(self.batches(0))
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return batch_positions(len(self.index), self.batch_size, shuffle=self.train, seed=self.seed, epoch=epoch)
+        return batch_positions(len(self.index), self.batch_size, shuffle=self.train, seed=self.seed, epoch=epoch,
+                               rank=self.rank if self.world_size > 1 else 0, world_size=self.world_size)
 
     def params(self, epoch: int) -> dict | None:
         """This epoch's augmentation parameters, one row per index position (None for evaluation)."""
@@ -462,12 +483,14 @@ def make_loader(
     seed: int = 2020,
     rank: int = 0,
     workers: int = 0,
+    world_size: int = 1,
 ) -> Loader:
     """Build a loader; ``backend`` is auto, dali, threads or torch (see the module docstring);
-    ``precision`` ('fp32', 'fp16', 'bf16') sets the dtype of the delivered batch."""
+    ``precision`` ('fp32', 'fp16', 'bf16') sets the dtype of the delivered batch; ``rank`` (the global
+    rank) seeds the augmentation and, with ``world_size`` > 1, picks this rank's shard."""
     dev = resolve_device(device)
     if backend == "auto":
         backend = "dali" if dev.type == "cuda" else "threads"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     return Loader(index, batch_size, image_size, train, backend, str(dev), tuple(mean), tuple(std), dtype, seed,
-                  rank, workers)
+                  rank, workers, world_size)

@@ -13,6 +13,10 @@ import dataclasses
 import io
 import json
 import math
+import os
+import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +72,7 @@ class TrainConfig:
     cutmix_fraction: float = 0.5
     gridmask_ratio: float = 0.6
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    weight_dtype: str = "fp32"  # fp32, or bf16 with --precision bf16 (pure-bf16 weights, no GradScaler)
     device: str = "auto"
     loader: str = "auto"  # auto (dali on GPU, threads on CPU) | dali | threads | torch (the reference)
     workers: int = 0  # loader threads/processes (0: up to 4)
@@ -79,6 +84,9 @@ class TrainConfig:
     pseudo: str = ""  # stage 2: a pseudo-label CSV (image_id,label,path) added to this fold's training part only
     init: str = ""  # stage 2: start from this fastsort checkpoint's weights (same model and class map)
     resume: bool = False
+    sync_bn: bool = False  # distributed: BatchNorm statistics over the global batch (SyncBatchNorm)
+    scale_lr: bool = True  # distributed: peak LR = lr x world size (linear scaling with the global batch)
+    deterministic: bool = False  # torch.use_deterministic_algorithms + no cuDNN autotuning
     limit_batches: int = 0  # >0: only this many training batches per epoch (smoke tests)
     log_every: int = 10
 
@@ -95,7 +103,7 @@ class TrainConfig:
 
 
 # Config fields that may change between a run and its --resume without changing what is computed.
-RESUME_FREE = {"resume", "workers", "log_every", "skip_bad", "out", "device", "loader"}
+RESUME_FREE = {"resume", "workers", "log_every", "skip_bad", "out", "device", "loader", "deterministic"}
 
 
 @dataclass
@@ -121,6 +129,121 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16":
         raise ValueError("--precision fp16 needs a CUDA device (GradScaler'd fp16 autocast); use fp32 or bf16 on CPU")
     return "fp32" if precision == "auto" else precision
+
+
+def check_weight_dtype(precision: str, weight_dtype: str) -> torch.dtype:
+    """The weights' dtype, or an error naming a combination that cannot train correctly.
+
+    A GradScaler (fp16 autocast) must unscale fp32 gradients of fp32 weights: fp16/bf16 weights under it
+    fail or silently lose small updates. Reduced-precision weights are allowed only as pure bf16 training
+    (``--precision bf16 --weight-dtype bf16``), which needs no scaler.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if weight_dtype not in dtypes:
+        raise ValueError(f"--weight-dtype must be fp32, bf16 or fp16, got {weight_dtype!r}")
+    if weight_dtype == "fp32" or (weight_dtype == "bf16" and precision == "bf16"):
+        return dtypes[weight_dtype]
+    why = ("a GradScaler needs fp32 weights" if precision == "fp16" else
+           f"{weight_dtype} weights train only as pure bf16 (--precision bf16 --weight-dtype bf16)")
+    raise ValueError(f"--precision {precision} with --weight-dtype {weight_dtype} is not supported: {why}")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # this call created the process group and destroys it at the end
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        info.owns_group = True
+    return info
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, dist_info: DistInfo) -> list[float]:
+    """Sums over ranks (float64, exact for counts); a collective every rank must reach."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def augment_seed(seed: int, rank: int, epoch: int) -> int:
+    """Seed of the on-device batch mixing (CutMix/GridMask) and dropout of one (base seed, global rank, epoch).
+
+    The shuffle/shard seed is separate (``loader.batch_positions``: (seed, epoch) only, shared by all ranks).
+    """
+    return int(epoch_rng(seed, epoch, 4, rank).integers(0, 2**62))
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after a complete step; the last complete checkpoint is intact."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _StopSignals:
+    """Turn SIGINT/SIGTERM into a flag the loop reads between steps (so no step or write is cut in half)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Name the path in disk-full and permission errors, so the message says what could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        if str(path) in str(exc):
+            raise
+        raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}") from exc
 
 
 def resolve_pretrained(pretrained: str, model: str) -> str | None:
@@ -153,10 +276,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """OneCycleLR over exactly ``total_steps`` optimizer steps (the loop steps it once per optimizer step).
+
+    PyTorch divides by zero when the warm-up ends exactly on step 0 (pct_start x total_steps == 1, e.g. 4
+    steps at 0.25): then the warm-up is taken as 0 steps long, so step 0 runs at the peak LR.
+    """
     if total_steps < 1:
         raise ValueError("the run has no optimizer steps; raise --epochs or lower --accum-steps")
+    if not 0 < cfg.pct_start < 1:
+        raise ValueError(f"--pct-start must be in (0, 1), got {cfg.pct_start}")
+    pct = cfg.pct_start
+    if abs(pct * total_steps - 1) < 1e-9:
+        pct = (1 - 1e-6) / total_steps
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start, anneal_strategy="cos",
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct, anneal_strategy="cos",
         cycle_momentum=True, base_momentum=cfg.base_momentum, max_momentum=cfg.max_momentum,
         div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor,
     )
@@ -197,20 +330,27 @@ def autocast_for(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device: torch.device, precision: str, num_classes: int) -> dict:
-    """Loss and accuracy over every sample of ``loader`` (exact, not a mean of batch means)."""
+def evaluate(model, loader, device: torch.device, precision: str, num_classes: int,
+             dist_info: "DistInfo | None" = None) -> dict:
+    """Loss and accuracy over every sample of ``loader`` (exact, not a mean of batch means).
+
+    Distributed: each rank evaluates its shard with the bare (unwrapped) model, then the sums of loss,
+    correct and count are added over ranks, so the result is the one a single process would get.
+    """
     model.eval()
+    dtype = next(model.parameters()).dtype
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     n = 0
     for x, y in loader.epoch(0):
         with autocast_for(device, precision):
-            logits = model(x)
+            logits = model(x.to(dtype) if dtype != torch.float32 else x)
         loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
-    n = max(n, 1)
-    return {"loss": float(loss_sum) / n, "acc": float(correct) / n, "n": n}
+    loss, right, n = _all_reduce_sum([float(loss_sum), float(correct), float(n)], device, dist_info or DistInfo())
+    n = int(n)
+    return {"loss": loss / max(n, 1), "acc": right / max(n, 1), "n": n}
 
 
 def _optimizer_steps_per_epoch(n_batches: int, accum: int) -> int:
@@ -256,12 +396,42 @@ def _print(msg: str, echo: Callable[[str], None] | None):
 
 
 def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train one fold of one model as ``cfg`` says and return where its checkpoints are."""
+    """Train one fold of one model as ``cfg`` says and return where its checkpoints are.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) every rank calls this; rank 0 alone prints and writes files.
+    """
     t_start = time.time()
     device = resolve_device(cfg.device)
+    dist_info = init_distributed(device)
+    try:
+        return _train(cfg, device, dist_info, echo, progress, t_start)
+    finally:
+        if dist_info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, progress: bool,
+           t_start: float) -> TrainResult:
+    main = dist_info.main
+    if not main:
+        echo, progress = (lambda msg: None), False
+    if cfg.sync_bn and dist_info.enabled and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    if cfg.precision != "auto":
+        check_weight_dtype(cfg.precision, cfg.weight_dtype)  # name the combination before any device check
     precision = resolve_precision(cfg.precision, device)
+    weight_dtype = check_weight_dtype(precision, cfg.weight_dtype)
     if cfg.accum_steps < 1:
         raise ValueError(f"--accum-steps must be at least 1, got {cfg.accum_steps}")
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (read at its init)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     run_dir = cfg.run_dir()
     last_path = run_dir / "last.pt"
     if last_path.exists() and not cfg.resume:
@@ -278,7 +448,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
     scan = load_dataset(cfg.data, image_root=cfg.image_root, id_col=cfg.id_col, label_col=cfg.label_col)
     with _Progress(progress) as bar:
         task = bar.task("pre-flight scan", len(scan.index))
-        checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k), report=run_dir / "skipped.csv")
+        checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k),
+                            report=run_dir / "skipped.csv")
     index = checked.index
     if checked.skipped or checked.problems:
         _print(f"--skip-bad: skipped {checked.skipped} image(s) and {len(checked.problems)} problem(s):", echo)
@@ -302,20 +473,22 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
            + (f"; {small} smaller than {cfg.image_size} px are upscaled" if small else ""), echo)
 
     # Run folder: config, class map and fold assignment first, so every later file can be traced to them.
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_dict = dataclasses.asdict(cfg)
     if cfg.resume:
         old = json.loads((run_dir / "config.json").read_text())
         changed = {k: (old.get(k), v) for k, v in config_dict.items() if k not in RESUME_FREE and old.get(k) != v}
         if changed:
             raise ValueError(f"--resume with a different configuration: {changed}")
-    else:
-        write_text_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2))
-    save_class_map(index.classes, run_dir / "classes.json")
-    buf = io.StringIO()
-    csv.writer(buf).writerows([("image_id", "label", "fold")] + [
-        (i, index.classes[l], f) for i, l, f in zip(index.ids, index.labels, folds)])
-    write_text_atomic(run_dir / "folds.csv", buf.getvalue())
+    if main:
+        with _writing(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not cfg.resume:
+                write_text_atomic(run_dir / "config.json", json.dumps(config_dict, indent=2))
+            save_class_map(index.classes, run_dir / "classes.json")
+            buf = io.StringIO()
+            csv.writer(buf).writerows([("image_id", "label", "fold")] + [
+                (i, index.classes[l], f) for i, l, f in zip(index.ids, index.labels, folds)])
+            write_text_atomic(run_dir / "folds.csv", buf.getvalue())
 
     torch.manual_seed(cfg.seed)  # the fresh head (and any randomly initialised layer) depends on --seed only
     model, info = build_model(cfg.model, index.num_classes, act=cfg.act, pretrained=pretrained,
@@ -326,31 +499,48 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
                             f"{list(index.classes)}")
         model.load_state_dict(init_state["model"])
         info.weights = f"--init {cfg.init}"
-    model.to(device)
+    if dist_info.enabled and cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device=device, dtype=weight_dtype)
+    net = model  # the bare module: evaluated, saved, and what Lookahead's slow weights belong to
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.mish == "compile":
         model = torch.compile(model)  # checkpoints strip the _orig_mod. prefix, so they load uncompiled
     fused = f", {info.fused_blocks} BatchNorm+Mish blocks fused" if info.fused_blocks else ""
     _print(f"model: {cfg.model}, weights {info.weights}, {info.activations_replaced} activation(s) -> Mish "
-           f"({cfg.mish}{fused}), device {device}, precision {precision}, loader {backend}",
-           echo)
+           f"({cfg.mish}{fused}), device {device}, precision {precision}, weights {cfg.weight_dtype}, "
+           f"loader {backend}", echo)
 
     loader_kw = dict(image_size=cfg.image_size, backend=backend, device=str(device),
                      mean=info.mean, std=info.std, precision=precision if device.type == "cuda" else "fp32",
-                     seed=cfg.seed, workers=cfg.workers)
+                     seed=cfg.seed, workers=cfg.workers, rank=dist_info.rank, world_size=dist_info.world_size)
     train_loader = make_loader(train_idx, batch_size=cfg.batch_size, train=True, **loader_kw)
     val_loader = make_loader(val_idx, batch_size=cfg.val_batch_size or cfg.batch_size, train=False, **loader_kw)
     n_batches = len(train_loader) if not cfg.limit_batches else min(cfg.limit_batches, len(train_loader))
     steps_per_epoch = _optimizer_steps_per_epoch(n_batches, cfg.accum_steps)
+    total_steps = steps_per_epoch * cfg.epochs
+    peak_lr = cfg.lr * (dist_info.world_size if cfg.scale_lr else 1)
+    if dist_info.enabled:
+        _print(f"distributed: {dist_info.world_size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}), "
+               f"batch {cfg.batch_size} per rank = {cfg.batch_size * dist_info.world_size} global, peak LR "
+               f"{peak_lr:g}" + (f" (= {cfg.lr:g} x {dist_info.world_size}, --scale-lr)" if cfg.scale_lr else "")
+               + (", SyncBatchNorm" if cfg.sync_bn else ""), echo)
 
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch * cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    optimizer = make_optimizer(net, dataclasses.replace(cfg, lr=peak_lr))
+    scheduler = make_scheduler(optimizer, dataclasses.replace(cfg, lr=peak_lr), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 only; bf16 needs none
     history: list[dict] = []
     start_epoch, best_acc, global_step = 0, -1.0, 0
     if cfg.resume:
         state = load_checkpoint(last_path)
         ts = state["train_state"]
-        model.load_state_dict(ts["model_fast"])
+        if ts.get("world_size", 1) != dist_info.world_size:
+            raise ValueError(f"--resume: {last_path} was written by a run of {ts.get('world_size', 1)} process(es), "
+                             f"this one has {dist_info.world_size}; the shards and schedule would differ")
+        net.load_state_dict(ts["model_fast"])
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
         scaler.load_state_dict(ts["scaler"])
@@ -359,39 +549,52 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
         history = history[:start_epoch]
         _print(f"resumed from {last_path} after epoch {state['epoch'] + 1}", echo)
 
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tb"))
+        writer = SummaryWriter(str(run_dir / "tb"))
     meta = {"classes": list(index.classes), "model_name": cfg.model, "config": config_dict,
             "model_info": {"mean": list(info.mean), "std": list(info.std), "image_size": cfg.image_size,
                            "act": cfg.act, "num_classes": index.num_classes}}
     try:
-        with _Progress(progress) as bar:
+        with _Progress(progress) as bar, _StopSignals() as stop:
             for epoch in range(start_epoch, cfg.epochs):
-                torch.manual_seed(int(epoch_rng(cfg.seed, epoch, 3).integers(0, 2**62)))
+                aug_seed = augment_seed(cfg.seed, dist_info.rank, epoch)
+                torch.manual_seed(aug_seed)  # dropout and any other torch randomness of this rank and epoch
                 gen = torch.Generator(device=device)
-                gen.manual_seed(int(epoch_rng(cfg.seed, epoch, 4).integers(0, 2**62)))
+                gen.manual_seed(aug_seed)
+                _print(f"epoch {epoch + 1}: shuffle seed ({cfg.seed}, {epoch}), augmentation seed {aug_seed} "
+                       f"(seed {cfg.seed}, rank {dist_info.rank}, epoch {epoch})", echo)
                 model.train()
                 task = bar.task(f"epoch {epoch + 1}/{cfg.epochs}", n_batches)
                 loss_sum = torch.zeros((), device=device, dtype=torch.float64)
                 correct = torch.zeros((), device=device, dtype=torch.int64)
                 seen, t0, t_log, seen_log = 0, time.time(), time.time(), 0
+                epoch_steps, step_lr = 0, scheduler.get_last_lr()[0]
                 optimizer.zero_grad(set_to_none=True)
                 for i, (x, y) in enumerate(train_loader.epoch(epoch)):
                     if i >= n_batches:
                         break
                     x, target = mix_batch(x, y, index.num_classes, cutmix_fraction=cfg.cutmix_fraction,
                                           gridmask_ratio=cfg.gridmask_ratio, generator=gen)
-                    with autocast_for(device, precision):
-                        logits = model(x)
-                    loss = soft_cross_entropy(logits, target)
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                    if (i + 1) % cfg.accum_steps == 0 or i + 1 == n_batches:
+                    due = _step_due(i, n_batches, cfg.accum_steps)
+                    sync = contextlib.nullcontext() if due or not dist_info.enabled else model.no_sync()
+                    with sync:
+                        with autocast_for(device, precision):
+                            logits = model(x.to(weight_dtype) if weight_dtype != torch.float32 else x)
+                        loss = soft_cross_entropy(logits.float(), target)
+                        scaler.scale(loss / cfg.accum_steps).backward()
+                    if due:
+                        # A GradScaler may skip the update (inf/nan gradients); the schedule still advances one
+                        # step per optimizer step, so its length is the number of steps the loop takes.
                         scaler.step(optimizer)
                         scaler.update()
                         optimizer.zero_grad(set_to_none=True)
+                        step_lr = scheduler.get_last_lr()[0]
                         scheduler.step()
                         global_step += 1
+                        epoch_steps += 1
                     loss_sum += loss.detach().double() * len(y)
                     correct += (logits.argmax(1) == target.argmax(1)).sum()
                     seen += len(y)
@@ -400,40 +603,86 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
                         ips = (seen - seen_log) / max(now - t_log, 1e-9)
                         t_log, seen_log = now, seen
                         running = float(loss_sum) / seen
-                        writer.add_scalar("train/loss", running, global_step)
-                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
+                        if writer:
+                            writer.add_scalar("train/loss", running, global_step)
+                            writer.add_scalar("train/lr", step_lr, global_step)
                         bar.update(task, 0, info=f"loss {running:.4f}  {ips:.0f} img/s")
                     bar.update(task, 1)
+                    if _should_stop(stop, i, n_batches, cfg.log_every, device, dist_info):
+                        raise _interrupted(stop, f"in epoch {epoch + 1} after step {global_step}", epoch, last_path)
+                if epoch_steps != steps_per_epoch:
+                    raise RuntimeError(f"epoch {epoch + 1} took {epoch_steps} optimizer steps, the schedule expected "
+                                       f"{steps_per_epoch} (the loader yielded fewer batches than len(loader))")
                 train_time = time.time() - t0
+                train_sums = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], device, dist_info)
                 with slow_weights(optimizer):
-                    val = evaluate(model, val_loader, device, precision, index.num_classes)
-                    row = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(seen, 1),
-                           "train_acc": float(correct) / max(seen, 1), "val_loss": val["loss"], "val_acc": val["acc"],
-                           "lr": scheduler.get_last_lr()[0], "img_per_s": seen / max(train_time, 1e-9),
-                           "seconds": time.time() - t0, "step": global_step}
-                    weights = unwrapped_state_dict(model)
+                    val = evaluate(net, val_loader, device, precision, index.num_classes, dist_info)
+                    g_seen = max(train_sums[2], 1)
+                    row = {"epoch": epoch + 1, "train_loss": train_sums[0] / g_seen,
+                           "train_acc": train_sums[1] / g_seen, "val_loss": val["loss"], "val_acc": val["acc"],
+                           "lr": step_lr, "img_per_s": train_sums[2] / max(train_time, 1e-9),
+                           "seconds": time.time() - t0, "step": global_step, "images": int(train_sums[2]),
+                           "val_images": val["n"], "augment_seed": aug_seed, "peak_rss_mib": peak_rss_mib()}
+                    if device.type == "cuda":
+                        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+                    weights = unwrapped_state_dict(net) if main else None
                     is_best = val["acc"] > best_acc  # first of equal scores wins
                     best_acc = max(best_acc, val["acc"])
+                if main:
                     save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row},
                                     run_dir / f"epoch_{epoch + 1:03d}.pt")
                     if is_best:
                         save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row}, run_dir / "best.pt")
-                train_state = {"model_fast": unwrapped_state_dict(model), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                               "best_acc": best_acc, "global_step": global_step}
-                save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row, "train_state": train_state},
-                                last_path)
+                    train_state = {"model_fast": unwrapped_state_dict(net), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                   "best_acc": best_acc, "global_step": global_step,
+                                   "world_size": dist_info.world_size}
+                    save_checkpoint({**meta, "model": weights, "epoch": epoch, "metrics": row,
+                                     "train_state": train_state}, last_path)
                 history.append(row)
-                _write_metrics(run_dir, history)
-                for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
-                    writer.add_scalar(k.replace("_", "/", 1), row[k], epoch + 1)
+                if main:
+                    with _writing(run_dir / "metrics.json"):
+                        _write_metrics(run_dir, history)
+                    for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+                        writer.add_scalar(k.replace("_", "/", 1), row[k], epoch + 1)
                 _print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                        f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  {row['img_per_s']:.1f} img/s"
-                       f"  {row['seconds']:.0f} s" + ("  (best)" if is_best else ""), echo)
+                       f"  {row['seconds']:.0f} s  peak RSS {row['peak_rss_mib']:.0f} MiB"
+                       + ("  (best)" if is_best else ""), echo)
+                if dist_info.enabled:
+                    import torch.distributed as dist
+
+                    dist.barrier()  # every rank sees rank 0's checkpoint before the next epoch (or a resume)
+                if epoch + 1 < cfg.epochs and _should_stop(stop, 0, 1, 1, device, dist_info):
+                    raise _interrupted(stop, f"after epoch {epoch + 1}", epoch + 1, last_path)
     finally:
-        writer.close()
+        if writer:
+            writer.close()
     _print(f"done in {time.time() - t_start:.0f} s: best val acc {best_acc:.4f} -> {run_dir / 'best.pt'}", echo)
     return TrainResult(run_dir, run_dir / "best.pt", last_path, best_acc, history)
+
+
+def _interrupted(stop: "_StopSignals", where: str, complete: int, last_path: Path) -> Interrupted:
+    signum = stop.signum or signal.SIGTERM  # distributed: another rank may have been the one signalled
+    kept = (f"{last_path} holds epoch {complete}; continue with --resume" if complete else
+            "no epoch had completed, so there is nothing to resume; start the run again")
+    return Interrupted(signum, f"stopped by {signal.Signals(signum).name} {where}; {kept}")
+
+
+def _step_due(i: int, n_batches: int, accum: int) -> bool:
+    """Whether batch ``i`` (0-based) ends an accumulation group; the last group may be short."""
+    return (i + 1) % accum == 0 or i + 1 == n_batches
+
+
+def _should_stop(stop: "_StopSignals", i: int, n_batches: int, every: int, device, dist_info: DistInfo) -> bool:
+    """Whether a stop signal arrived. Distributed: agreed by all ranks every ``every`` batches (a collective,
+    so every rank stops after the same step even if only one was signalled)."""
+    if not dist_info.enabled:
+        return bool(stop.signum)
+    if (i + 1) % every and i + 1 != n_batches:
+        return False
+    return _all_reduce_sum([float(bool(stop.signum))], device, dist_info)[0] > 0
+
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
