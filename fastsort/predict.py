@@ -11,6 +11,8 @@ names from the training class map, converted to integers with an offset only whe
 * ``probs.csv``: ``image_id,path,<class 0>,<class 1>,...``, the ensemble's probabilities in test order;
   ``path`` is the absolute image path, so ``pseudo_label`` needs nothing but this folder;
 * ``submission.csv``: ``id,label``, the class name (or ``int(name) + label_offset``);
+* ``model_probs.npz``: ``probs``, each checkpoint's TTA-averaged probabilities before sharpening,
+  (checkpoints, N, C), to re-weigh or re-sharpen an ensemble without running the models again;
 * ``predictions.json``: checkpoints, weights used, TTA, temperature, classes, test set and counts.
 """
 
@@ -321,6 +323,20 @@ def _csv_text(header: Sequence[str], rows) -> str:
     return buf.getvalue()
 
 
+def write_submission(path: str | Path, ids: Sequence[str], pred: np.ndarray, written_labels: Sequence[str]) -> None:
+    """``id,label`` rows, the label of class k being ``written_labels[k]`` (see ``submission_labels``)."""
+    write_text_atomic(Path(path), _csv_text(["id", "label"], ((i, written_labels[c]) for i, c in zip(ids, pred))))
+
+
+def save_model_probs(path: Path, probs: np.ndarray) -> None:
+    """Each model's TTA-averaged probabilities before sharpening, (models, N, C), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, probs=probs)
+    os.replace(tmp, path)
+
+
 def predict(
     checkpoints: Sequence[str | Path],
     test: str | Path,
@@ -362,23 +378,23 @@ def predict(
         task = bar.task("checking test images", None)
         index = load_test_set(test, image_root=image_root, id_col=id_col, progress=lambda k: bar.update(task, k))
         n_batches = math.ceil(len(index) / batch_size)
-        sharpened = []
+        per_model = []
         for k, state in enumerate(states):
             task = bar.task(f"model {k + 1}/{len(states)} {state['model_name']}", n_batches)
-            probs = predict_probs(state, index, tta=tta, batch_size=batch_size, device=str(dev), loader=loader,
-                                  workers=workers, progress=lambda n, t=task: bar.update(t, n))
-            sharpened.append(sharpen(probs, temperature))
-    probs = ensemble(sharpened, names, w)
+            per_model.append(predict_probs(state, index, tta=tta, batch_size=batch_size, device=str(dev),
+                                           loader=loader, workers=workers, progress=lambda n, t=task: bar.update(t, n)))
+    probs = ensemble([sharpen(p, temperature) for p in per_model], names, w)
     pred = probs.argmax(axis=1)
     conf = probs.max(axis=1)
 
     out = Path(out)
-    files = {"probs": out / "probs.csv", "submission": out / "submission.csv", "predictions": out / "predictions.json"}
+    files = {"probs": out / "probs.csv", "submission": out / "submission.csv", "model_probs": out / "model_probs.npz",
+             "predictions": out / "predictions.json"}
+    save_model_probs(files["model_probs"], np.stack(per_model))
     cells = np.char.mod("%.7g", probs)  # formatted once by NumPy, not per value in Python
     write_text_atomic(files["probs"], _csv_text(["image_id", "path", *classes],
                                                 ([i, p, *row] for i, p, row in zip(index.ids, index.paths, cells))))
-    write_text_atomic(files["submission"], _csv_text(["id", "label"],
-                                                     ((i, written_labels[c]) for i, c in zip(index.ids, pred))))
+    write_submission(files["submission"], index.ids, pred, written_labels)
     counts = {c: int(n) for c, n in zip(classes, np.bincount(pred, minlength=len(classes)))}
     record = {
         "checkpoints": [{"path": str(Path(p).absolute()) if not isinstance(p, dict) else None,

@@ -248,14 +248,15 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
 def scorecard(recipe: Recipe, averaged: list[Path], stage1_pred: Path, stage2_pred: Path | None, *, device: str,
               echo, progress: bool, started: float) -> Path:
     """Held-out accuracy after each stage: single model, + TTA, + averaging, + ensemble, + pseudo-labels."""
-    from .predict import predict, score
+    import numpy as np
+
+    from .predict import predict, read_probs_csv, score, submission_labels, write_submission
 
     first = recipe.stage1[0]
     single = Path(first.config.out) / "best.pt"
     tta = recipe.predict["tta"]
     rows = [("single model", f"{first.name} best epoch, no TTA", single, "none"),
-            (f"+ TTA ({tta})", f"{first.name} best epoch", single, tta),
-            ("+ weight averaging", f"{first.name} averaged", averaged[0], tta)]
+            (f"+ TTA ({tta})", f"{first.name} best epoch", single, tta)]
     table = []
     for stage, what, ckpt, view in rows:
         folder = recipe.out / "scorecard" / stage.replace("+ ", "").split(" (")[0].replace(" ", "-")
@@ -264,6 +265,13 @@ def scorecard(recipe: Recipe, averaged: list[Path], stage1_pred: Path, stage2_pr
                     label_offset=recipe.predict["label_offset"], image_root=None, device=device,
                     batch_size=recipe.predict["batch_size"], progress=progress)
         table.append((stage, what, folder))
+    # The first averaged model alone, with TTA, is already inside the stage-1 ensemble's per-model output.
+    ids, _, classes, _ = read_probs_csv(stage1_pred)
+    alone = np.load(stage1_pred / "model_probs.npz")["probs"][0]
+    folder = recipe.out / "scorecard" / "weight-averaging"
+    write_submission(folder / "submission.csv", ids, alone.argmax(1),
+                     submission_labels(classes, recipe.predict["label_offset"]))
+    table.append(("+ weight averaging", f"{first.name} averaged", folder))
     table.append((f"+ ensemble (T={recipe.predict['temperature']:g})", f"{len(averaged)} averaged model(s)",
                   stage1_pred))
     if stage2_pred is not None:

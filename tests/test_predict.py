@@ -155,7 +155,8 @@ def test_predict_writes_probs_submission_and_record(testset, ckpts, tmp_path):
     out = tmp_path / "pred"
     result = predict([ckpts["eff"], ckpts["eff2"], ckpts["res40"]], testset / "test.csv", tta="flip",
                      temperature=2.0, out=out, batch_size=10, device="cpu")
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "probs.csv", "submission.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["model_probs.npz", "predictions.json", "probs.csv",
+                                                     "submission.csv"]
     with open(out / "probs.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["image_id", "path", "0", "1", "2"]
@@ -163,6 +164,11 @@ def test_predict_writes_probs_submission_and_record(testset, ckpts, tmp_path):
     assert all(r[1].startswith("/") and r[1].endswith((".png", ".jpg")) for r in rows[1:])
     probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]])
     np.testing.assert_allclose(probs, result.probs, rtol=1e-6)
+    # the ensemble is rebuilt from the saved per-model probabilities: sharpen, weigh 1/4, 1/4, 1/2
+    per_model = np.load(out / "model_probs.npz")["probs"]
+    assert per_model.shape == (3, 10, 3)
+    np.testing.assert_allclose(ensemble([sharpen(p, 2.0) for p in per_model], ["a", "a", "b"]), result.probs,
+                               rtol=1e-5)
     with open(out / "submission.csv") as f:
         sub = list(csv.reader(f))
     assert sub[0] == ["id", "label"] and [r[1] for r in sub[1:]] == [str(k) for k in result.probs.argmax(1)]
