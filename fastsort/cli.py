@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -103,7 +104,8 @@ def train(
         raise typer.Exit(128 + exc.signum)
     except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError, OSError) as exc:
         _fail(exc)
-    typer.echo(f"validation accuracy (best epoch): {result.best_val_acc:.4f}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        typer.echo(f"validation accuracy (best epoch): {result.best_val_acc:.4f}")
 
 
 @app.command()
@@ -112,14 +114,18 @@ def check(
     image_root: Optional[str] = typer.Option(None),
     id_col: str = typer.Option("image_id"),
     label_col: str = typer.Option("label"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="list the problems, then report what would be left"),
 ) -> None:
     """Run the pre-flight scan alone: list every missing or undecodable file, empty class and bad label."""
     from .index import DataError, load_dataset, preflight
 
     try:
-        result = preflight(load_dataset(data, image_root=image_root, id_col=id_col, label_col=label_col))
+        result = preflight(load_dataset(data, image_root=image_root, id_col=id_col, label_col=label_col),
+                           skip_bad=skip_bad)
     except (DataError, FileNotFoundError) as exc:
         _fail(exc)
+    for problem in result.problems:
+        typer.echo(f"skipped: {problem}")
     counts = ", ".join(f"{c}: {n}" for c, n in zip(result.index.classes, result.index.class_counts()))
     typer.echo(f"ok: {len(result.index)} images, {result.index.num_classes} classes ({counts})")
 
@@ -494,7 +500,15 @@ def bench_readme(readme: str = typer.Option("README.md", help="the README to rew
     typer.echo(f"regenerated {', '.join(sections)} in {readme}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A user needs the warning, not the library line that raised it.
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     app()
 
 

@@ -167,7 +167,7 @@ def build_model(
         model, info = _build_cadene(name.split(":", 1)[1], num_classes)
     else:
         model, info = _build_timm(name, num_classes, drop_rate)
-    if pretrained:
+    if pretrained and str(pretrained) != "none":  # the CLI and TrainConfig spell "no weights" as "none"
         info.weights = load_weights(model, pretrained, head_prefixes=info.head_prefixes)
     if ACTIVATIONS[act] is not None:
         info.activations_replaced = swap_activations(model, ACTIVATIONS[act])

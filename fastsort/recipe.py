@@ -83,7 +83,12 @@ def load_recipe(path: str | Path, *, out: str | None = None, check_files: bool =
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"recipe {path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     _check_keys(str(path), raw, TOP_KEYS)
     for key in ("data", "test", "stage1"):
         if key not in raw:
@@ -109,10 +114,14 @@ def load_recipe(path: str | Path, *, out: str | None = None, check_files: bool =
             values = {**defaults, **{k: v for k, v in entry.items() if k != "folds"}, "data": data,
                       "image_root": image_root, "fold": fold}
             cfg = TrainConfig.from_dict(values)
-            if check_files and cfg.pretrained not in ("auto", "none", "") and not Path(cfg.pretrained).is_file():
-                raise FileNotFoundError(f"recipe: {where} pretrained weights {cfg.pretrained} do not exist")
             if not 0 <= fold < cfg.n_folds:
                 raise ValueError(f"recipe: {where} fold {fold} is outside 0..{cfg.n_folds - 1}")
+            try:
+                cfg.validate()
+            except ValueError as exc:
+                raise ValueError(f"recipe: {where} (fold {fold}): {exc}") from None
+            if check_files and cfg.pretrained not in ("auto", "none", "") and not Path(cfg.pretrained).is_file():
+                raise FileNotFoundError(f"recipe: {where} pretrained weights {cfg.pretrained} do not exist")
             name = f"{cfg.model.replace(':', '-').replace('/', '-')}-{cfg.image_size}-fold{fold}"
             if any(r.name == name for r in stage1):
                 raise ValueError(f"recipe: {where} repeats the run {name}")

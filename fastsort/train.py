@@ -98,6 +98,37 @@ class TrainConfig:
             raise ValueError(f"unknown config key(s): {unknown}")
         return cls(**values)
 
+    def validate(self) -> None:
+        """Refuse values no run can use, naming the option, before anything is read or written."""
+        ranges = [  # (field, ok, what it must be)
+            ("image_size", self.image_size >= 8, "at least 8"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("val_batch_size", self.val_batch_size >= 0, "0 (same as --batch-size) or more"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("lr", math.isfinite(self.lr) and self.lr >= 0, "a number >= 0"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("lookahead_alpha", 0 < self.lookahead_alpha <= 1, "in (0, 1]"),
+            ("lookahead_k", self.lookahead_k >= 1, "at least 1"),
+            ("pct_start", 0 < self.pct_start < 1, "in (0, 1)"),
+            ("div_factor", self.div_factor > 0, "> 0"),
+            ("final_div_factor", self.final_div_factor > 0, "> 0"),
+            ("accum_steps", self.accum_steps >= 1, "at least 1"),
+            ("cutmix_fraction", 0 <= self.cutmix_fraction <= 1, "in [0, 1]"),
+            ("gridmask_ratio", 0 < self.gridmask_ratio <= 1, "in (0, 1] (1 disables GridMask)"),
+            ("drop_rate", self.drop_rate is None or 0 <= self.drop_rate < 1, "in [0, 1)"),
+            ("workers", self.workers >= 0, "0 (automatic) or more"),
+            ("n_folds", self.n_folds >= 2, "at least 2"),
+            ("fold", 0 <= self.fold < max(self.n_folds, 1), f"in 0..{self.n_folds - 1}"),
+            ("seed", 0 <= self.seed < 2**32, "in 0..2**32-1"),
+            ("limit_batches", self.limit_batches >= 0, "0 (no limit) or more"),
+            ("log_every", self.log_every >= 1, "at least 1"),
+        ]
+        bad = [f"--{name.replace('_', '-')} must be {what}, got {getattr(self, name)!r}"
+               for name, ok, what in ranges if not ok]
+        if bad:
+            raise ValueError("; ".join(bad))
+
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.model.replace(':', '-').replace('/', '-')}-fold{self.fold}")
 
@@ -414,6 +445,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] | None = None, progre
 
 def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, progress: bool,
            t_start: float) -> TrainResult:
+    cfg.validate()
     main = dist_info.main
     if not main:
         echo, progress = (lambda msg: None), False
@@ -449,7 +481,7 @@ def _train(cfg: TrainConfig, device: torch.device, dist_info: DistInfo, echo, pr
     with _Progress(progress) as bar:
         task = bar.task("pre-flight scan", len(scan.index))
         checked = preflight(scan, skip_bad=cfg.skip_bad, progress=lambda k: bar.update(task, k),
-                            report=run_dir / "skipped.csv")
+                            report=run_dir / "skipped.csv" if cfg.skip_bad else None)
     index = checked.index
     if checked.skipped or checked.problems:
         _print(f"--skip-bad: skipped {checked.skipped} image(s) and {len(checked.problems)} problem(s):", echo)
@@ -714,6 +746,9 @@ def read_pseudo_labels(path: str | Path, classes: tuple[str, ...]) -> Index:
     class_ids = {c: i for i, c in enumerate(classes)}
     problems, kept = [], []
     for line, r in rows:
+        if not r.get("path") or not r.get("label") or not r.get("image_id"):
+            problems.append(f"{path.name} line {line}: a row needs image_id, label and path, got {dict(r)}")
+            continue
         file = Path(r["path"]) if Path(r["path"]).is_absolute() else path.parent / r["path"]
         if r["label"] not in class_ids:
             problems.append(f"{path.name} line {line}: unknown label {r['label']!r} (known: {list(classes)})")

@@ -186,6 +186,7 @@ def test_recipe_runs_every_step_and_resumes_after_being_killed(data, tmp_path, m
     ({"pseudo_label": {"threshold": 1.5}}, "threshold must be in \\(0, 1\\]"),
     ({"average": {"bn": "median"}}, "average.bn"),
     ({"test": "/no/such/test.csv"}, "test /no/such/test.csv does not exist"),
+    ({"stage1": [{"model": "test_efficientnet", "epochs": 0}]}, "stage1\\[0\\] \\(fold 0\\): --epochs must be at least 1"),
 ])
 def test_bad_recipes_fail_before_any_work(data, tmp_path, change, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -199,3 +200,10 @@ def test_shipped_recipes_parse():
         assert recipe.stage1 and recipe.stage2
     seed = load_recipe("recipes/haihua2020.yaml", check_files=False)
     assert len(seed.stage1) == 9 and seed.predict["temperature"] == 10 and seed.predict["label_offset"] == 1
+
+
+def test_a_recipe_that_is_not_yaml_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nstage1: [\n")
+    with pytest.raises(ValueError, match="broken.yaml line 3 column 1: not valid YAML"):
+        load_recipe(path)

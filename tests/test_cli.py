@@ -51,6 +51,10 @@ def test_check_ok_and_missing_columns(tmp_path):
     (["--fold", "7"], "--fold must be in 0..4"),
     (["--precision", "fp8"], "--precision must be"),
     (["--pretrained", "missing.pth"], "no such file missing.pth"),
+    (["--cutmix-fraction", "2"], "--cutmix-fraction must be in [0, 1], got 2.0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--lr", "-1"], "--lr must be a number >= 0, got -1.0"),
+    (["--workers", "-1"], "--workers must be 0 (automatic) or more, got -1"),
 ])
 def test_train_bad_options_fail_before_work(tmp_path, extra, message):
     pytest.importorskip("nvidia.dali")
@@ -66,6 +70,8 @@ def test_train_bad_options_fail_before_work(tmp_path, extra, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (out / "last.pt").exists()
+    if "--device" not in extra and "--pretrained" not in extra:
+        assert not out.exists(), "options are checked before the run folder is made"
 
 
 def test_train_skip_bad_says_how_many(tmp_path):

@@ -217,6 +217,10 @@ def test_stage2_bad_inputs_fail_before_training(data, tmp_path):
     bad = _write_pseudo(tmp_path, ["0", "cat", "2"])
     with pytest.raises(DataError, match="line 3: unknown label 'cat'"):
         train(_cfg(data, tmp_path / "s2", epochs=1, pseudo=str(bad)), progress=False)
+    with open(bad, "a") as f:
+        f.write("t9,1\n")  # a short row: no path
+    with pytest.raises(DataError, match="line 5: a row needs image_id, label and path"):
+        train(_cfg(data, tmp_path / "s2", epochs=1, pseudo=str(bad)), progress=False)
     with pytest.raises(ValueError, match="holds a test_efficientnet model, not --model resnet18"):
         train(_cfg(data, tmp_path / "s3", epochs=1, model="resnet18", init=str(stage1.best_checkpoint)), progress=False)
 
