@@ -173,7 +173,7 @@ def stage2_runs(recipe: Recipe, pseudo_csv: Path) -> list[Run]:
 # ----------------------------------------------------------------------------------------------- steps
 
 
-def _train_step(run: Run, echo, progress) -> Path:
+def _train_step(run: Run, device: str, echo, progress) -> Path:
     from .checkpoint import load_checkpoint
     from .train import train
 
@@ -182,7 +182,7 @@ def _train_step(run: Run, echo, progress) -> Path:
     if last.is_file() and load_checkpoint(last)["epoch"] + 1 >= run.config.epochs:
         echo(f"[skip] {run_dir}: trained")
         return run_dir
-    cfg = dataclasses.replace(run.config, resume=last.is_file())
+    cfg = dataclasses.replace(run.config, resume=last.is_file(), device=device)
     echo(f"[run] train {run_dir}" + (" (resuming)" if cfg.resume else ""))
     train(cfg, echo=echo, progress=progress)
     return run_dir
@@ -208,15 +208,13 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
     if saved.is_file() and json.loads(saved.read_text()) != recipe.source:
         raise ValueError(f"{out} holds a run of a different recipe ({saved}); choose another out folder")
     write_text_atomic(saved, json.dumps(recipe.source, indent=2))
-    for run in recipe.stage1:
-        run.config.device = device
     test_kw = dict(image_root=None, device=device, batch_size=recipe.predict["batch_size"])
     ens_kw = dict(tta=recipe.predict["tta"], temperature=recipe.predict["temperature"],
                   weights=recipe.predict["weights"], label_offset=recipe.predict["label_offset"])
 
     averaged = []
     for run in recipe.stage1:
-        run_dir = _train_step(run, echo, progress)
+        run_dir = _train_step(run, device, echo, progress)
         avg = run_dir / "averaged.pt"
         if not _done(avg, echo):
             echo(f"[run] average {run_dir}")
@@ -238,8 +236,7 @@ def run_recipe(recipe: Recipe, *, device: str = "auto", echo: Callable[[str], No
                  f"{kept.threshold:g} -> {pseudo_csv}")
         finals = []
         for run in stage2_runs(recipe, pseudo_csv):
-            run.config.device = device
-            finals.append(_train_step(run, echo, progress) / "best.pt")
+            finals.append(_train_step(run, device, echo, progress) / "best.pt")
         final_pred = out / "stage2" / "predict"
         if not _done(final_pred / "predictions.json", echo):
             echo(f"[run] stage-2 ensemble of {len(finals)} model(s) -> {final_pred}")
